@@ -1,0 +1,158 @@
+"""Model folders on disk: latentmem's native layout and the official MemoryLLM layout (SPEC §6).
+
+Both layouts use the same tensor names (the official ones: `model.layers.{i}...`, `lm_head.weight`,
+`bos_embedding`, `new_memory_positional_emb`, LoRA as `base_layer` / `lora_A.default` /
+`lora_A.decoder_adapter`). They differ in what else is there:
+- native: `config.json` is a `MemoryLLMConfig` (the backbone config nested); no memory inside,
+  since memory states are saved separately (`MemoryState.save`).
+- official: `config.json` is a flat Llama config with the memory fields and
+  `architectures: ["MemoryLLM"]`; `memory` [L, N, d] and `initialized` ship with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from .config import MemoryLLMConfig
+from .state import MemoryState
+
+WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+BACKBONE_PREFIX = "backbone."
+# Memory fields of the official config.json, besides the Llama ones.
+OFFICIAL_MEMORY_FIELDS = (
+    "num_tokens", "num_blocks", "num_memory_tokens", "add_bos_embedding",
+    "drop_memory_per_layer", "add_decoder_lora", "lora_config",
+)  # fmt: skip
+# Buffers some checkpoints carry that are recomputed from the config, never loaded.
+IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+def is_official_checkpoint(config: dict) -> bool:
+    return "MemoryLLM" in (config.get("architectures") or []) and "num_tokens" in config
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: one `model.safetensors` or the shards its index names."""
+    if (folder / SHARD_INDEX).exists():
+        shards = sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(folder / shard))
+        return tensors
+    if not (folder / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (or {SHARD_INDEX})")
+    return load_file(folder / WEIGHTS_FILE)
+
+
+def official_config_to_native(config: dict) -> MemoryLLMConfig:
+    backbone_fields = {k: v for k, v in config.items() if k not in OFFICIAL_MEMORY_FIELDS}
+    backbone_fields.pop("architectures", None)
+    backbone_fields.pop("auto_map", None)
+    model_type = backbone_fields.pop("model_type", "llama")
+    backbone_config = AutoConfig.for_model(model_type, **backbone_fields)
+    lora = config.get("lora_config")
+    if config.get("num_memory_tokens", config["num_tokens"] * config["num_blocks"]) != (
+        config["num_tokens"] * config["num_blocks"]
+    ):
+        raise ValueError("config.json: num_memory_tokens must equal num_tokens * num_blocks")
+    return MemoryLLMConfig(
+        backbone_config=backbone_config,
+        num_tokens=config["num_tokens"],
+        num_blocks=config["num_blocks"],
+        add_bos_embedding=config.get("add_bos_embedding", True),
+        drop_memory_per_layer=config.get("drop_memory_per_layer", False),
+        lora=None if lora is None else {k: lora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+        add_decoder_lora=config.get("add_decoder_lora", False),
+    )
+
+
+def native_config_to_official(config: MemoryLLMConfig) -> dict:
+    official = config.backbone_config.to_dict()
+    official.update(
+        architectures=["MemoryLLM"],
+        model_type=config.backbone_config.model_type,
+        num_tokens=config.num_tokens,
+        num_blocks=config.num_blocks,
+        num_memory_tokens=config.memory_size,
+        add_bos_embedding=config.add_bos_embedding,
+        drop_memory_per_layer=config.drop_memory_per_layer,
+        add_decoder_lora=config.add_decoder_lora,
+        lora_config=None if config.lora is None else {**config.lora, "inference_mode": True},
+    )
+    return official
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None):
+    from .modeling import MemoryLLM
+
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
+    raw_config = json.loads((folder / "config.json").read_text())
+    official = is_official_checkpoint(raw_config)
+    config = official_config_to_native(raw_config) if official else MemoryLLMConfig.from_dict(raw_config)
+    tensors = read_weights(folder)
+    memory = tensors.pop("memory", None)
+    initialized = tensors.pop("initialized", None)
+
+    model = MemoryLLM(config)
+    dtype = dtype or next(iter(tensors.values())).dtype
+    _load_weights(model, tensors)
+    model = model.to(dtype=dtype, device=device or "cpu").eval()
+    if memory is not None:
+        state = model.new_memory()
+        if initialized is None or int(initialized) != 0:
+            state.stm = memory
+        model.checkpoint_memory = state
+    return model
+
+
+def _load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    mapped = {}
+    for key, value in tensors.items():
+        if key.endswith(IGNORED_KEYS):
+            continue
+        name = key if key in own else BACKBONE_PREFIX + key
+        if name not in own:
+            raise ValueError(f"checkpoint tensor {key!r} has no place in this model (wrong layout or config?)")
+        if own[name].shape != value.shape:
+            raise ValueError(f"checkpoint tensor {key!r} has shape {list(value.shape)}, model expects {list(own[name].shape)}")
+        mapped[name] = value
+    tied = model.backbone.config.tie_word_embeddings
+    missing = [k for k in own if k not in mapped and not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    model.load_state_dict(mapped, strict=False)
+
+
+def save_pretrained(model, path, layout: str = "native", memory: MemoryState | None = None) -> None:
+    if layout not in ("native", "official"):
+        raise ValueError(f"layout must be 'native' or 'official', got {layout!r}")
+    if layout == "native" and memory is not None:
+        raise ValueError("the native layout keeps memory out of the weights: use memory.save(path)")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        key = name[len(BACKBONE_PREFIX) :] if name.startswith(BACKBONE_PREFIX) else name
+        tensors[key] = value.detach().contiguous().cpu()
+    if model.backbone.config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors refuses shared storage
+    if layout == "official":
+        memory = memory if memory is not None else model.checkpoint_memory
+        L, N, d = model.new_memory().shape
+        pool = memory.stm if memory is not None else torch.zeros(L, N, d, dtype=model.dtype)
+        tensors["memory"] = pool.detach().to(model.dtype).contiguous().cpu()
+        tensors["initialized"] = torch.tensor(int(memory is not None and memory.initialized), dtype=torch.uint8)
+        config = native_config_to_official(model.config)
+    else:
+        config = model.config.to_dict()
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,220 @@
+"""MemoryLLM: a Llama-family causal LM with a short-term memory pool in every decoder layer.
+
+The model owns weights only: the backbone (its embeddings, layers, norm, rotary embedding and
+lm_head are reused as they are), a learned bos vector per layer, the new-memory positional
+embedding and two LoRA adapters. Memory lives in `MemoryState` objects that callers pass in:
+
+    model = MemoryLLM.from_pretrained(path)
+    memory = model.new_memory(seed=0)
+    model.inject(memory, text="Ada's locker code is 4711.", tokenizer=tok, allow_short=True)
+    out = model.generate(**tok("Ada's locker code is", return_tensors="pt"), memory=memory)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .adapters import AdapterSwitch
+from .config import MemoryLLMConfig
+from .reading import PrefixCache, compute_memory_prefix
+from .state import MemoryState
+from .writing import InjectionResult, inject
+
+
+class MemoryLLM(PreTrainedModel, GenerationMixin):
+    config_class = MemoryLLMConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: MemoryLLMConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_config(config.backbone_config)
+        config.backbone_config = self.backbone.config
+        L, d = self.backbone.config.num_hidden_layers, self.backbone.config.hidden_size
+        # Placed at position 0 of every layer, in front of memory (SPEC §1).
+        self.bos_embedding = nn.Parameter(torch.randn(L, 1, d) * 0.02) if config.add_bos_embedding else None
+        # Added to the last K positions of a layer's input while writing, marking "these become memory".
+        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
+        self.adapters = AdapterSwitch(self.backbone, config.lora, config.add_decoder_lora)
+        self.prefix_cache = PrefixCache()
+        self.checkpoint_memory: MemoryState | None = None  # the pool an official checkpoint ships
+        self.generation_config = self.backbone.generation_config
+
+    # --- structure ------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The backbone's decoder stack (embed_tokens, layers, norm, rotary_emb)."""
+        return self.backbone.get_decoder()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The backbone initialises itself; this model adds only plain parameters set in __init__.
+        pass
+
+    def train(self, mode: bool = True) -> "MemoryLLM":
+        # Weights may change while training: cached memory keys/values would go stale.
+        self.prefix_cache.clear()
+        return super().train(mode)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the memory shape and backbone architecture a MemoryState belongs to."""
+        b = self.backbone.config
+        key = {
+            "model_type": b.model_type,
+            "layers": b.num_hidden_layers,
+            "hidden": b.hidden_size,
+            "heads": b.num_attention_heads,
+            "kv_heads": getattr(b, "num_key_value_heads", b.num_attention_heads),
+            "vocab": b.vocab_size,
+            "num_tokens": self.config.num_tokens,
+            "slots": self.config.memory_size,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- memory states --------------------------------------------------------------------
+    def new_memory(self, seed: int = 0) -> MemoryState:
+        """An empty memory for this model; `seed` fixes which slots later writes forget."""
+        return MemoryState(
+            self.backbone.config.num_hidden_layers,
+            self.config.memory_size,
+            self.backbone.config.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            seed=seed,
+            fingerprint=self.fingerprint,
+        )
+
+    def initial_memory(self, seed: int = 0) -> MemoryState:
+        """A fresh state holding the pool the checkpoint shipped (empty if it shipped none)."""
+        state = self.new_memory(seed)
+        if self.checkpoint_memory is not None and self.checkpoint_memory.initialized:
+            state.stm = self.checkpoint_memory.stm
+        return state
+
+    def check_state(self, state: MemoryState) -> None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"memory must be a MemoryState (from model.new_memory()), got {type(state).__name__}")
+        if state.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"this MemoryState belongs to another model (fingerprint {state.fingerprint!r}, "
+                f"this model {self.fingerprint!r}); create one with model.new_memory()"
+            )
+        if state.device != self.device:
+            raise ValueError(f"memory is on {state.device} but the model is on {self.device}; call memory.to(...)")
+
+    # --- writing (SPEC §2, §4) ------------------------------------------------------------
+    def inject(
+        self,
+        memory: MemoryState,
+        input_ids=None,
+        text: str | None = None,
+        tokenizer=None,
+        *,
+        allow_short: bool = False,
+        source: str = "",
+    ) -> InjectionResult:
+        """Write a context into `memory` (in place). Long contexts go in as several chunks.
+
+        Args:
+            memory: the state to write into.
+            input_ids: token ids of the context (1-D or [1, n]), without BOS. Or:
+            text, tokenizer: the context as text; it is tokenized without special tokens.
+            allow_short: accept contexts under `config.min_context_tokens` tokens.
+            source: a label kept with the injection's provenance record.
+        """
+        return inject(self, memory, input_ids, text, tokenizer, allow_short=allow_short, source=source)
+
+    # --- reading (SPEC §3) ----------------------------------------------------------------
+    def memory_prefix(self, memory: MemoryState):
+        """Memory keys/values for reading: cached per memory version, fresh (with grad) in training."""
+        self.check_state(memory)
+        self.adapters.activate("read")
+        if self.training and torch.is_grad_enabled():
+            return compute_memory_prefix(self, memory)
+        return self.prefix_cache.get(self, memory)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        memory: MemoryState | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal LM forward that reads `memory`; with `memory=None`, exactly the plain backbone.
+
+        `attention_mask` and `position_ids` describe the prompt only (positions count from its
+        first token); the memory prefix is placed in front of them here. A `cache` passed back in
+        must come from a previous call with the same memory.
+        """
+        cache = cache if cache is not None else past_key_values
+        common = dict(labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs)
+        if memory is None:
+            self.adapters.activate("base")
+            return self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=use_cache, **common,
+            )  # fmt: skip
+
+        prefix = self.memory_prefix(memory)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if cache is None:
+            cache = DynamicCache(config=self.backbone.config)
+        if cache.get_seq_length() == 0:
+            prefix.seed(cache, batch_size)
+        if prefix.length:
+            if attention_mask is not None:
+                ones = attention_mask.new_ones(batch_size, prefix.length)
+                attention_mask = torch.cat([ones, attention_mask], dim=-1)
+            if position_ids is not None:
+                position_ids = position_ids + prefix.length
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=True, **common,
+        )  # fmt: skip
+        if use_cache is False:
+            out.cache = None
+        return out
+
+    # --- checkpoints ----------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel, **memory_config) -> "MemoryLLM":
+        """Wrap an already loaded causal LM (e.g. `AutoModelForCausalLM.from_pretrained(path)`)."""
+        config = MemoryLLMConfig(backbone_config=backbone.config, **memory_config)
+        return cls(config, backbone=backbone).to(device=backbone.device, dtype=backbone.dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None, **_) -> "MemoryLLM":
+        """Load a latentmem folder or an official MemoryLLM checkpoint folder (SPEC §6)."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(
+        self, path: str | Path, *, layout: str = "native", memory: MemoryState | None = None, **_
+    ) -> None:
+        """Write the weights: `layout="native"` (no memory inside) or `"official"` (with `memory`)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, layout=layout, memory=memory)

@@ -1,0 +1,55 @@
+"""Pool update and decay (SPEC §4): how a write changes a layer's short-term memory.
+
+First write into an empty pool: the new slots are tiled to fill all N positions. Every later
+write forgets K slots chosen uniformly at random (one draw shared by all layers, or one per layer),
+keeps the survivors in order and appends the K new slots at the end, so the last K slots are always
+the newest write. A slot survives t later writes with probability (1 - K/N)^t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .state import MemoryState
+
+
+def tile_to_fill(new: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Repeat `new [L, k, ...]` along dim 1 to exactly `num_slots`: N // k copies, then its last N % k."""
+    k = new.shape[1]
+    copies = [new] * (num_slots // k)
+    if num_slots % k:
+        copies.append(new[:, k - num_slots % k :])
+    return torch.cat(copies, dim=1)
+
+
+def draw_survivors(num_slots: int, num_dropped: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the slots that survive a write, ascending (so survivors keep their order)."""
+    kept = torch.randperm(num_slots, generator=generator)[: num_slots - num_dropped]
+    return kept.sort().values
+
+
+def write_slots(state: MemoryState, new_slots: torch.Tensor, injection_id: int, per_layer: bool) -> None:
+    """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or random forgetting."""
+    L, N, _ = state.shape
+    k = new_slots.shape[1]
+    new_slots = new_slots.detach().to(dtype=state.dtype, device=state.device)
+    new_sources = torch.full((L, k), injection_id, dtype=torch.long)
+    new_ages = torch.zeros(L, k, dtype=torch.long)
+
+    if not state.initialized:
+        state.replace_pool(tile_to_fill(new_slots, N), tile_to_fill(new_ages, N), tile_to_fill(new_sources, N))
+    else:
+        if k > N:
+            raise ValueError(f"a write of {k} slots does not fit a pool of {N}")
+        if per_layer:
+            survivors = torch.stack([draw_survivors(N, k, state.generator) for _ in range(L)])  # [L, N-k]
+        else:
+            survivors = draw_survivors(N, k, state.generator).expand(L, -1)
+        layer_index = torch.arange(L)[:, None]
+        kept_slots = state.stm[layer_index.to(state.device), survivors.to(state.device)]
+        state.replace_pool(
+            torch.cat([kept_slots, new_slots], dim=1),
+            torch.cat([state.ages[layer_index, survivors] + 1, new_ages], dim=1),
+            torch.cat([state.sources[layer_index, survivors], new_sources], dim=1),
+        )
+    state.write_count += 1

@@ -1,0 +1,148 @@
+"""MemoryState: everything that changes when memory is written, kept outside the model weights.
+
+One loaded model serves any number of states (one per user or session). A state holds the
+short-term pool `stm [L, N, d]`, per-slot ages and provenance, a write counter, the record of
+every injection, and its own random generator, so forgetting is reproducible from a seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .modeling import MemoryLLM
+
+# Provenance id of slots that no injection of this state wrote (an assigned or loaded pool).
+EXTERNAL = -1
+
+
+@dataclass
+class Injection:
+    """One write into memory: which text went in, when, under what label."""
+
+    id: int
+    source: str
+    tokens: int
+    timestamp: float = field(default_factory=time.time)
+
+
+class MemoryState:
+    """The memory of one user or session for a given model shape.
+
+    Attributes:
+        stm: the short-term pool, `[L, N, d]`; the last K slots are always the newest write.
+            Assigning a tensor replaces the pool (its slots get provenance `EXTERNAL`).
+        ages: `[L, N]` number of writes each slot has survived.
+        sources: `[L, N]` id of the injection that wrote each slot (`EXTERNAL` if none).
+        write_count: writes (pool updates) so far.
+        injections: the record of every injection, by id.
+        generator: the state's own RNG; it decides which slots each write forgets.
+        version: bumps on every change, so readers can cache what they derive from the pool.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        hidden_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        fingerprint: str = "",
+    ):
+        self.shape = (num_layers, num_slots, hidden_size)
+        self.fingerprint = fingerprint
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._stm = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.ages = torch.zeros(num_layers, num_slots, dtype=torch.long)
+        self.sources = torch.full((num_layers, num_slots), EXTERNAL, dtype=torch.long)
+        self.initialized = False
+        self.write_count = 0
+        self.injections: dict[int, Injection] = {}
+        self.version = 0
+
+    # --- the pool -------------------------------------------------------------------------
+    @property
+    def stm(self) -> torch.Tensor:
+        return self._stm
+
+    @stm.setter
+    def stm(self, pool: torch.Tensor) -> None:
+        if tuple(pool.shape) != self.shape:
+            raise ValueError(f"stm must have shape {list(self.shape)} (layers, slots, hidden), got {list(pool.shape)}")
+        self._stm = pool.detach().to(dtype=self._stm.dtype, device=self._stm.device).clone()
+        self.ages.zero_()
+        self.sources.fill_(EXTERNAL)
+        self.initialized = True
+        self.touch()
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._stm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._stm.device
+
+    def touch(self) -> None:
+        """Mark the state changed: cached memory keys/values derived from it are stale."""
+        self.version += 1
+
+    def replace_pool(self, stm: torch.Tensor, ages: torch.Tensor, sources: torch.Tensor) -> None:
+        """Install a pool with its per-slot records (used by writes and by loading)."""
+        self._stm, self.ages, self.sources = stm, ages, sources
+        self.initialized = True
+        self.touch()
+
+    def record_injection(self, source: str, tokens: int) -> Injection:
+        injection = Injection(id=len(self.injections), source=source, tokens=tokens)
+        self.injections[injection.id] = injection
+        return injection
+
+    def to(self, device: torch.device | str) -> "MemoryState":
+        """Move the pool to `device` (in place); provenance and RNG stay on the CPU."""
+        self._stm = self._stm.to(device)
+        self.touch()
+        return self
+
+    # --- introspection --------------------------------------------------------------------
+    def surviving_slots(self) -> dict[int, int]:
+        """How many slots (summed over layers) each injection still holds."""
+        ids, counts = torch.unique(self.sources, return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts) if i != EXTERNAL}
+
+    def __repr__(self) -> str:
+        L, N, d = self.shape
+        return (
+            f"MemoryState(layers={L}, slots={N}, hidden={d}, dtype={self.dtype}, writes={self.write_count}, "
+            f"injections={len(self.injections)}, initialized={self.initialized})"
+        )
+
+    # --- persistence (see persistence.py) -------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the state atomically to one `.safetensors` file (tensors + JSON manifest)."""
+        from .persistence import save_state
+
+        save_state(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: "MemoryLLM | None" = None) -> "MemoryState":
+        """Read a state saved with `save`; with `model`, refuse one saved for another model shape."""
+        from .persistence import load_state
+
+        return load_state(path, model)

@@ -1,0 +1,159 @@
+"""Writing into memory (SPEC §2, "self-update") and the `inject` entry point.
+
+For every layer l, independently, the layer input is
+    z = [bos_l ; last K slots of STM_l ; h_l]       positions 0, 1..K, K+1..K+n
+with the new-memory positional embedding added to the last K positions. The first
+P = 1 + min(K, n) positions are prefix (keys/values only); the rest are computed normally. The
+outputs at the last K computed positions are layer l's new slots; those at the last n positions
+are h_{l+1}. So with n >= K the new slots are the outputs of the last K context tokens; with n < K
+the newest K - n old slots are recomputed alongside the context.
+
+An empty pool has no slots to put in front, so the first write runs the context alone from
+position 0 (and without bos), as the official implementation does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from .pool import write_slots
+from .prefix import prefix_keys_values, rotary_embeddings
+from .state import MemoryState
+
+if TYPE_CHECKING:
+    from .modeling import MemoryLLM
+
+
+@dataclass
+class InjectionResult:
+    """What one `inject` call wrote."""
+
+    injection_id: int
+    chunks: int
+    tokens: int
+    slots_written: int  # new slots per layer, summed over chunks
+
+
+def compute_new_slots(model: "MemoryLLM", state: MemoryState, input_ids: torch.Tensor) -> torch.Tensor:
+    """The slots one context writes, `[L, K, d]` (`[L, min(K, n), d]` into an empty pool).
+
+    Pure: `state` is only read. Differentiable when called with gradients enabled (training).
+    """
+    decoder = model.decoder
+    K = model.config.num_tokens
+    hidden = decoder.embed_tokens(input_ids.view(1, -1))  # h_0: [1, n, d]
+    n = hidden.shape[1]
+    L, d = state.num_layers, state.shape[2]
+
+    if state.initialized:
+        memory = state.stm[:, -K:].to(hidden.dtype)  # [L, K, d]
+        num_bos = 0
+        if model.bos_embedding is not None:
+            memory = torch.cat([model.bos_embedding.to(hidden.dtype), memory], dim=1)
+            num_bos = 1
+        prefix_len = num_bos + min(K, n)
+    else:
+        memory, prefix_len = hidden.new_zeros(L, 0, d), 0
+    recomputed = memory[:, prefix_len:]  # the K - n newest old slots when n < K, else nothing
+    computed_len = recomputed.shape[1] + n
+
+    cache = DynamicCache() if prefix_len else None
+    if prefix_len:
+        prefix_rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, prefix_len)
+        for i, layer in enumerate(decoder.layers):
+            keys, values = prefix_keys_values(layer, memory[i : i + 1, :prefix_len], prefix_rope)
+            cache.update(keys, values, i)
+    rope = rotary_embeddings(decoder.rotary_emb, hidden, prefix_len, computed_len)
+    position_ids = torch.arange(prefix_len, prefix_len + computed_len, device=hidden.device)[None]
+    mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden.new_empty(1, computed_len, 0),
+        attention_mask=None,
+        cache=cache,
+        position_ids=position_ids,
+    )
+
+    new_slots = []
+    for i, layer in enumerate(decoder.layers):
+        x = torch.cat([recomputed[i : i + 1], hidden], dim=1)
+        x = torch.cat([x[:, :-K], x[:, -K:] + model.new_memory_positional_emb.to(x.dtype)], dim=1)
+        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope, cache=cache)
+        new_slots.append(out[0, -K:])
+        hidden = out[:, -n:]
+    return torch.stack(new_slots)
+
+
+def split_into_chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
+    """Cut a 1-D id tensor into the fewest near-equal chunks of at most `chunk_size` tokens.
+
+    Near-equal (sizes differ by at most one) keeps the last chunk as long as the others, so it never
+    falls under the minimum length the model was trained on.
+    """
+    n = input_ids.numel()
+    num_chunks = max(1, math.ceil(n / chunk_size))
+    sizes = [n // num_chunks + (1 if i < n % num_chunks else 0) for i in range(num_chunks)]
+    return list(torch.split(input_ids, sizes))
+
+
+def tokenize_context(input_ids=None, text=None, tokenizer=None) -> torch.Tensor:
+    """One context as a 1-D id tensor, from ids or from text (tokenized without BOS)."""
+    if (input_ids is None) == (text is None):
+        raise ValueError("pass exactly one of input_ids= or text= (with tokenizer=)")
+    if text is not None:
+        if tokenizer is None:
+            raise ValueError("text= needs tokenizer= to turn it into token ids")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        # The released models were trained on contexts without BOS (SPEC §2).
+        input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 2:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"inject takes one context at a time, got a batch of {input_ids.shape[0]}")
+        input_ids = input_ids[0]
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be 1-D (or [1, n]), got shape {list(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError("nothing to inject: the context is empty")
+    return input_ids.long()
+
+
+@torch.no_grad()
+def inject(
+    model: "MemoryLLM",
+    state: MemoryState,
+    input_ids=None,
+    text: str | None = None,
+    tokenizer=None,
+    *,
+    allow_short: bool = False,
+    source: str = "",
+) -> InjectionResult:
+    """Write a context into `state`: chunk it, compute each chunk's new slots, update the pool."""
+    model.check_state(state)
+    ids = tokenize_context(input_ids, text, tokenizer)
+    cfg = model.config
+    chunks = split_into_chunks(ids, cfg.chunk_size)
+    shortest = min(c.numel() for c in chunks)
+    if shortest < cfg.min_context_tokens and not allow_short:
+        raise ValueError(
+            f"context has {ids.numel()} tokens; MemoryLLM was trained on contexts of >= {cfg.min_context_tokens}"
+            " (pass allow_short=True to inject anyway)"
+        )
+    vocab = cfg.backbone_config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"input_ids hold ids outside the vocabulary 0..{vocab - 1}")
+    injection = state.record_injection(source, ids.numel())
+    model.adapters.activate("write")
+    slots = 0
+    for chunk in chunks:
+        new = compute_new_slots(model, state, chunk.to(model.device))
+        write_slots(state, new, injection.id, per_layer=cfg.drop_memory_per_layer)
+        slots += new.shape[1]
+    return InjectionResult(injection.id, len(chunks), ids.numel(), slots)
