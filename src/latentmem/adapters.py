@@ -42,7 +42,7 @@ class AdapterSwitch:
                 r=lora["r"],
                 lora_alpha=lora["lora_alpha"],
                 lora_dropout=lora.get("lora_dropout", 0.0),
-                target_modules=list(lora["target_modules"]),
+                target_modules=lora.get("target_modules"),  # None: PEFT's default for the architecture
             )
             with warnings.catch_warnings():  # PEFT warns on any second adapter, which is the design here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")

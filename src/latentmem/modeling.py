@@ -205,15 +205,21 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         return cls(config, backbone=backbone).to(device=backbone.device, dtype=backbone.dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None, **_) -> "MemoryLLM":
-        """Load a latentmem folder or an official MemoryLLM checkpoint folder (SPEC §6)."""
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, torch_dtype=None
+    ) -> "MemoryLLM":
+        """Load a latentmem folder or an official MemoryLLM checkpoint folder (SPEC §6).
+
+        `dtype` defaults to the checkpoint's own ("auto"); `torch_dtype` is accepted as an alias.
+        """
         from .checkpoint import load_pretrained
 
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(
-        self, path: str | Path, *, layout: str = "native", memory: MemoryState | None = None, **_
-    ) -> None:
+    def save_pretrained(self, path: str | Path, *, layout: str = "native", memory: MemoryState | None = None) -> None:
         """Write the weights: `layout="native"` (no memory inside) or `"official"` (with `memory`)."""
         from .checkpoint import save_pretrained
 

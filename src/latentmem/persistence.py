@@ -2,10 +2,12 @@
 
 The file holds the tensors (`stm`, `ages`, `sources`) and, in its header metadata, a JSON manifest:
 format version, model fingerprint, shapes, dtype, the generator state, the write counter, the
-injection records and a SHA-256 checksum of the tensor bytes. A save goes to a temporary file in
-the same folder that is flushed to disk and then renamed over the target, so a crash mid-save
-leaves the previous file intact. Loading checks everything before returning: a truncated,
-corrupted or foreign file raises `MemoryFileError` and never yields partial memory.
+injection records, a SHA-256 checksum of the tensor bytes and one of the manifest itself. A save
+goes to a temporary file in the same folder that is flushed to disk and then renamed over the
+target, so a crash mid-save leaves the previous file intact; the file gets the permissions of the
+file it replaces (or the umask's, for a new one). Loading checks everything before returning: a
+truncated, corrupted or foreign file raises `MemoryFileError` and never yields partial memory, and
+the loaded tensors are copies (they never alias the file, which may change after loading).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +34,11 @@ if TYPE_CHECKING:
 FORMAT = "latentmem.memory_state"
 FORMAT_VERSION = 1
 TENSORS = ("stm", "ages", "sources")
+# Manifest fields a version-1 file must have, with their JSON types.
+REQUIRED = {
+    "fingerprint": str, "shape": list, "dtype": str, "seed": int, "generator_state": str,
+    "initialized": bool, "write_count": int, "injections": list, "checksum": str,
+}  # fmt: skip
 
 
 class MemoryFileError(ValueError):
@@ -42,6 +50,13 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in TENSORS:
         digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest (all fields but this one): the generator state, write counter and
+    injection records are not covered by the tensor checksum, and a flipped digit there still parses."""
+    body = {key: value for key, value in manifest.items() if key != "manifest_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def save_state(state: MemoryState, path: str | Path) -> None:
@@ -64,10 +79,13 @@ def save_state(state: MemoryState, path: str | Path) -> None:
         "injections": [asdict(i) for i in state.injections.values()],
         "checksum": _checksum(tensors),
     }
+    manifest["manifest_checksum"] = _manifest_checksum(manifest)
     payload = save_bytes(tensors, metadata={"manifest": json.dumps(manifest)})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600: give it the mode of the file it replaces, or the umask's.
+        os.chmod(tmp, _file_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -79,14 +97,29 @@ def save_state(state: MemoryState, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _file_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    # Reading the umask means setting it: set a strict one meanwhile, so a racing thread's files
+    # come out too private rather than too open.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_dir(folder: Path) -> None:
     # Make the rename itself durable (a crash right after save must not bring back the old file).
+    # Best effort: some systems cannot open or fsync a folder, and the file is already in place.
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -95,37 +128,65 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of a memory file, without loading its tensors."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        manifest = json.loads(metadata["manifest"])
-    except FileNotFoundError:
+            return _check_manifest(path, f.metadata())
+    except (FileNotFoundError, MemoryFileError):
         raise
     except Exception as err:  # safetensors reports truncation and bad headers with varied errors
         raise MemoryFileError(f"{path} is not a readable latentmem memory file ({err})") from err
-    if manifest.get("format") != FORMAT:
+
+
+def _check_manifest(path: str | Path, metadata: dict | None) -> dict:
+    try:
+        manifest = json.loads((metadata or {})["manifest"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise MemoryFileError(f"{path} is not a latentmem memory file (no readable manifest: {err!r})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MemoryFileError(f"{path} is not a latentmem memory file")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise MemoryFileError(f"{path} has format version {manifest['format_version']}; upgrade latentmem to read it")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise MemoryFileError(f"{path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise MemoryFileError(
+            f"{path} has format version {version}, newer than the {FORMAT_VERSION} this latentmem reads; "
+            "upgrade latentmem to read it"
+        )
+    if "manifest_checksum" in manifest and manifest["manifest_checksum"] != _manifest_checksum(manifest):
+        raise MemoryFileError(f"{path} is corrupted: manifest checksum mismatch")
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise MemoryFileError(f"{path} has a malformed manifest: {key!r} is missing or not a {kind.__name__}")
+    shape = manifest["shape"]
+    if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise MemoryFileError(f"{path} has a malformed manifest: shape {shape}")
     return manifest
 
 
 def load_state(path: str | Path, model: "MemoryLLM | None" = None) -> MemoryState:
     path = Path(path)
-    manifest = read_manifest(path)
-    if model is not None and manifest["fingerprint"] != model.fingerprint:
-        raise MemoryFileError(
-            f"{path} holds memory for another model (fingerprint {manifest['fingerprint']}, "
-            f"this model {model.fingerprint}, shape {manifest['shape']})"
-        )
     try:
+        # One open: the manifest and the tensors come from the same file even if a save replaces it
+        # meanwhile. get_tensor maps the file, so copy: the state must not change (or fault) when
+        # the file is later rewritten in place or truncated.
         with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in TENSORS}
-    except Exception as err:
-        raise MemoryFileError(f"{path} is truncated or corrupted ({err})") from err
+            manifest = _check_manifest(path, f.metadata())
+            if model is not None and manifest["fingerprint"] != model.fingerprint:
+                raise MemoryFileError(
+                    f"{path} holds memory for another model (fingerprint {manifest['fingerprint']}, "
+                    f"this model {model.fingerprint}, shape {manifest['shape']})"
+                )
+            tensors = {name: f.get_tensor(name).clone() for name in TENSORS}
+    except (FileNotFoundError, MemoryFileError):
+        raise
+    except Exception as err:  # safetensors reports truncation and bad headers with varied errors
+        raise MemoryFileError(f"{path} is not a readable latentmem memory file ({err})") from err
     if _checksum(tensors) != manifest["checksum"]:
         raise MemoryFileError(f"{path} is corrupted: checksum mismatch")
     L, N, d = manifest["shape"]
-    if tuple(tensors["stm"].shape) != (L, N, d):
-        raise MemoryFileError(f"{path}: stm has shape {list(tensors['stm'].shape)}, manifest says {[L, N, d]}")
+    expected = {"stm": ((L, N, d), manifest["dtype"]), "ages": ((L, N), "int64"), "sources": ((L, N), "int64")}
+    for name, (shape, dtype) in expected.items():
+        got = (tuple(tensors[name].shape), str(tensors[name].dtype).removeprefix("torch."))
+        if got != (shape, dtype):
+            raise MemoryFileError(f"{path}: {name} is {list(got[0])} {got[1]}, the manifest says {list(shape)} {dtype}")
 
     state = MemoryState(
         L, N, d,
@@ -137,7 +198,10 @@ def load_state(path: str | Path, model: "MemoryLLM | None" = None) -> MemoryStat
     if manifest["initialized"]:
         state.replace_pool(tensors["stm"].to(state.device), tensors["ages"], tensors["sources"])
     state.write_count = manifest["write_count"]
-    state.injections = {i["id"]: Injection(**i) for i in manifest["injections"]}
-    generator_state = torch.frombuffer(bytearray(base64.b64decode(manifest["generator_state"])), dtype=torch.uint8)
-    state.generator.set_state(generator_state)
+    try:
+        state.injections = {i["id"]: Injection(**i) for i in manifest["injections"]}
+        generator_state = base64.b64decode(manifest["generator_state"], validate=True)
+        state.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+    except Exception as err:  # a malformed record or generator state
+        raise MemoryFileError(f"{path} has a malformed manifest ({err!r})") from err
     return state

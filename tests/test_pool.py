@@ -1,0 +1,117 @@
+"""Pool update and decay (SPEC §4): tiling, random forgetting, order, ages, determinism."""
+
+import math
+
+import torch
+
+from latentmem.pool import tile_to_fill, write_slots
+from latentmem.state import EXTERNAL, MemoryState
+
+from conftest import make_model, random_ids
+
+
+def state(L=2, N=32, d=4, seed=0):
+    return MemoryState(L, N, d, seed=seed)
+
+
+def slots(L, k, d, value):
+    return torch.full((L, k, d), float(value))
+
+
+def test_first_write_tiles_new_slots_to_fill_the_pool():
+    s = state(N=32)
+    new = torch.arange(2 * 8 * 4, dtype=torch.float).view(2, 8, 4)
+    write_slots(s, new, injection_id=0, per_layer=False)
+    assert torch.equal(s.stm, new.repeat(1, 4, 1))
+    assert s.initialized and s.write_count == 1 and (s.sources == 0).all() and (s.ages == 0).all()
+
+
+def test_first_write_of_fewer_slots_than_fit_ends_with_a_partial_copy():
+    new = torch.arange(5, dtype=torch.float).view(1, 5, 1)
+    tiled = tile_to_fill(new, 32)  # 6 copies, then the last 2 slots
+    assert tiled.view(-1).tolist() == [0, 1, 2, 3, 4] * 6 + [3, 4]
+
+
+def test_short_first_injection_tiles_its_slots():
+    model = make_model()  # K = 8, N = 32
+    s = model.new_memory()
+    model.inject(s, input_ids=random_ids(5), allow_short=True)
+    assert torch.equal(s.stm[:, :5], s.stm[:, 5:10])
+    assert torch.equal(s.stm[:, -2:], s.stm[:, 3:5])
+
+
+def test_later_write_forgets_k_keeps_order_and_appends_newest_last():
+    s = state(L=2, N=32)
+    s.stm = torch.arange(32, dtype=torch.float).view(1, 32, 1).expand(2, 32, 4)
+    write_slots(s, slots(2, 8, 4, -1), injection_id=7, per_layer=False)
+    kept = s.stm[0, :24, 0]
+    assert len(set(kept.tolist())) == 24 and (kept.diff() > 0).all()  # 24 distinct survivors, in order
+    assert (s.stm[:, -8:] == -1).all() and (s.sources[:, -8:] == 7).all()
+    assert (s.sources[:, :24] == EXTERNAL).all()
+    assert (s.ages[:, :24] == 1).all() and (s.ages[:, -8:] == 0).all()
+    assert torch.equal(s.stm[0], s.stm[1])  # one draw shared by all layers
+
+
+def test_per_layer_drop_draws_each_layer_independently():
+    s = state(L=4, N=32)
+    s.stm = torch.arange(32, dtype=torch.float).view(1, 32, 1).expand(4, 32, 4)
+    write_slots(s, slots(4, 8, 4, -1), injection_id=0, per_layer=True)
+    survivors = {tuple(s.stm[layer, :24, 0].tolist()) for layer in range(4)}
+    assert len(survivors) > 1
+    for layer in range(4):
+        assert (s.stm[layer, :24, 0].diff() > 0).all()
+
+
+def test_model_config_per_layer_drop_is_honoured():
+    model = make_model(drop_memory_per_layer=True)
+    s = model.new_memory(seed=3)
+    for i in range(4):
+        model.inject(s, input_ids=random_ids(20, seed=i))
+    assert not torch.equal(s.sources[0], s.sources[1])
+
+
+def test_survival_after_t_writes_follows_exponential_decay():
+    N, K, t, trials = 64, 8, 5, 400
+    fractions = []
+    for seed in range(trials):
+        s = state(L=1, N=N, d=1, seed=seed)
+        write_slots(s, slots(1, K, 1, 0), injection_id=0, per_layer=False)  # fill
+        write_slots(s, slots(1, K, 1, 1), injection_id=1, per_layer=False)  # the tracked write
+        for j in range(t):
+            write_slots(s, slots(1, K, 1, 2 + j), injection_id=2 + j, per_layer=False)
+        fractions.append((s.sources == 1).sum().item() / K)
+    fractions = torch.tensor(fractions)
+    expected = (1 - K / N) ** t
+    bound = 4 * fractions.std().item() / math.sqrt(trials)
+    assert abs(fractions.mean().item() - expected) < bound, (fractions.mean().item(), expected, bound)
+
+
+def test_same_seed_same_forgetting_other_seed_differs():
+    model = make_model()
+    runs = []
+    for seed in (5, 5, 6):
+        s = model.new_memory(seed=seed)
+        for i in range(4):
+            model.inject(s, input_ids=random_ids(20, seed=i))
+        runs.append(s)
+    assert torch.equal(runs[0].stm, runs[1].stm) and torch.equal(runs[0].sources, runs[1].sources)
+    assert not torch.equal(runs[0].sources, runs[2].sources)
+
+
+def test_forgetting_does_not_touch_the_global_rng():
+    model = make_model()
+    s = model.new_memory(seed=1)
+    model.inject(s, input_ids=random_ids(20))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    model.inject(s, input_ids=random_ids(20, seed=1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_surviving_slots_counts_per_injection():
+    s = state(L=2, N=32)
+    write_slots(s, slots(2, 8, 4, 0), injection_id=0, per_layer=False)
+    write_slots(s, slots(2, 8, 4, 1), injection_id=1, per_layer=False)
+    counts = s.surviving_slots()
+    assert counts[1] == 2 * 8 and counts[0] == 2 * 24
