@@ -92,16 +92,22 @@ def build_model(args: argparse.Namespace) -> MemoryLLM:
     return model
 
 
-def timeit(fn, warmup: int, reps: int) -> float:
-    """Median wall time of `fn()` in seconds over `reps` calls, after `warmup` untimed calls."""
+def timeit(fns: dict, warmup: int, reps: int) -> dict[str, tuple[float, float]]:
+    """{name: (median, min)} wall time in seconds of each `fn()`, over `reps` rounds after `warmup`.
+
+    The functions run interleaved (one call of each per round), so load from other processes on a
+    shared machine hits all of them alike and their ratios stay meaningful.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def ms(seconds: float) -> str:
