@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
-from latentmem.reading import compute_memory_prefix
+from latentmem import reading
+from latentmem.reading import PrefixedLayer, compute_memory_prefix
 
 from conftest import make_model, random_ids
 from reference import reference_greedy, reference_logits
@@ -214,3 +215,47 @@ def test_labels_give_a_loss_with_gradients_into_adapters_in_training():
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "decoder_adapter" in n]
     assert loss.item() > 0 and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_read_borrows_the_prefix_buffers_instead_of_copying_them():
+    model = make_model()
+    state = filled_state(model)
+    out = model(random_ids(5), memory=state, use_cache=True)
+    prefix = model.prefix_cache.get(model, state)
+    layer = out.cache.layers[0]
+    assert isinstance(layer, PrefixedLayer) and layer.keys.data_ptr() == prefix.buffers[0][0].data_ptr()
+    assert layer.keys.shape[2] == prefix.length + 5
+
+
+def test_reads_while_another_cache_holds_the_buffers_are_still_exact():
+    model = make_model()
+    state = filled_state(model)
+    ids, other = random_ids(6, seed=1), random_ids(6, seed=2)
+    held = model(ids, memory=state, use_cache=True)  # keeps the buffers borrowed
+    second = model(other, memory=state, use_cache=True)
+    assert not isinstance(second.cache.layers[0], PrefixedLayer)
+    torch.testing.assert_close(second.logits, reference_logits(model, state.stm, other), atol=ATOL, rtol=0)
+    more = random_ids(2, seed=3)
+    cont = model(more, memory=state, cache=held.cache)  # the first cache is intact
+    torch.testing.assert_close(
+        cont.logits, reference_logits(model, state.stm, torch.cat([ids, more], 1))[:, -2:], atol=ATOL, rtol=0
+    )
+
+
+def test_generation_past_the_spare_room_falls_back_to_copying(monkeypatch):
+    monkeypatch.setattr(reading, "SPARE_POSITIONS", 9)
+    model = make_model()
+    state = filled_state(model)
+    ids = random_ids(6, seed=11)
+    got = model.generate(ids, memory=state, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, reference_greedy(model, state.stm, ids, steps=8))
+
+
+def test_inference_mode_read_then_plain_generate_works():
+    model = make_model()
+    state = filled_state(model)
+    ids = random_ids(6, seed=11)
+    with torch.inference_mode():
+        model(ids, memory=state)  # buffers created as inference tensors
+    got = model.generate(ids, memory=state, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, reference_greedy(model, state.stm, ids, steps=4))

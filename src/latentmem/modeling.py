@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import AdapterSwitch
+from .attention import use_folded_gqa_attention
 from .config import MemoryLLMConfig
 from .reading import PrefixCache, compute_memory_prefix
 from .state import MemoryState
@@ -38,6 +39,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MemoryLLMConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_config(config.backbone_config)
+        use_folded_gqa_attention(self.backbone)
         config.backbone_config = self.backbone.config
         L, d = self.backbone.config.num_hidden_layers, self.backbone.config.hidden_size
         # Placed at position 0 of every layer, in front of memory (SPEC §1).

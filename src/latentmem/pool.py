@@ -46,9 +46,14 @@ def write_slots(state: MemoryState, new_slots: torch.Tensor, injection_id: int, 
         else:
             survivors = draw_survivors(N, k, state.generator).expand(L, -1)
         layer_index = torch.arange(L)[:, None]
-        kept_slots = state.stm[layer_index.to(state.device), survivors.to(state.device)]
+        pool = torch.empty_like(state.stm)  # gather straight into the new pool: no extra copy
+        if per_layer:
+            pool[:, : N - k] = state.stm[layer_index.to(state.device), survivors.to(state.device)]
+        else:
+            torch.index_select(state.stm, 1, survivors[0].to(state.device), out=pool[:, : N - k])
+        pool[:, N - k :] = new_slots
         state.replace_pool(
-            torch.cat([kept_slots, new_slots], dim=1),
+            pool,
             torch.cat([state.ages[layer_index, survivors] + 1, new_ages], dim=1),
             torch.cat([state.sources[layer_index, survivors], new_sources], dim=1),
         )

@@ -44,7 +44,7 @@ def prefix_keys_values(
 
 
 def _apply_rope_to_keys(attn: nn.Module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # The backbone's modeling module owns its RoPE formula; it rotates (q, k) pairs, so pass the
-    # keys twice and keep one (elementwise work, negligible next to the projections).
+    # The backbone's modeling module owns its RoPE formula; it rotates (q, k) pairs, so pass an
+    # empty query (zero heads) alongside the keys.
     apply_rotary_pos_emb = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    return apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+    return apply_rotary_pos_emb(keys[:, :0], keys, cos, sin)[1]

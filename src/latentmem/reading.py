@@ -9,12 +9,13 @@ prompt and every generated token, exactly as if the memory were earlier tokens.
 
 from __future__ import annotations
 
+import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import Cache
+from transformers.cache_utils import DynamicLayer
 
 from .prefix import prefix_keys_values, rotary_embeddings
 from .state import MemoryState
@@ -23,23 +24,88 @@ if TYPE_CHECKING:
     from .modeling import MemoryLLM
 
 
-@dataclass
-class MemoryPrefix:
-    """Per-layer keys and values `[1, kv_heads, P, head_dim]` of [bos ; STM]; P = 0 for empty memory."""
+# Room left after the memory prefix for a prompt and its generated tokens, so they are written
+# in place instead of copying the whole cache on every step (longer reads fall back to copying).
+SPARE_POSITIONS = 512
 
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+class MemoryPrefix:
+    """Per-layer keys and values of [bos ; STM], positions 0..P-1 (P = 0 for empty memory).
+
+    Each layer's tensors live at the front of a buffer with `SPARE_POSITIONS` free positions behind
+    them. One read at a time may borrow the buffers (`seed`): its prompt and generated tokens are
+    then written into the free positions in place, so neither the prefix nor the growing cache is
+    copied per call or per token. A read that cannot borrow them (another read's cache still
+    alive, a batch of prompts, an inference-mode mismatch) gets copies, as a plain cache would.
+    """
+
+    def __init__(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None, spare: int = 0):
+        self.length = keys_values[0][0].shape[2] if keys_values else 0
+        self.buffers = [_with_room(k, v, spare) for k, v in keys_values or []]
+        self._borrower: weakref.ref | None = None
+        self._lock = threading.Lock()
 
     @property
-    def length(self) -> int:
-        return self.keys_values[0][0].shape[2] if self.keys_values else 0
+    def keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in self.buffers]
 
     def seed(self, cache: Cache, batch_size: int) -> None:
         """Put the prefix into an empty `cache`, shared by `batch_size` prompts."""
-        for i, (keys, values) in enumerate(self.keys_values):
-            cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), i)
+        layers = [cache.layers[i] if i < len(cache.layers) else None for i in range(len(self.buffers))]
+        with self._lock:  # two threads reading one state must not borrow the same buffers
+            lend = (
+                batch_size == 1
+                and (self._borrower is None or self._borrower() is None)
+                and all(type(layer) is DynamicLayer and not layer.is_initialized for layer in layers)
+                and all(k.shape[2] > self.length for k, _ in self.buffers)
+                # in-place writes into inference-mode tensors are only allowed in inference mode
+                and all(torch.is_inference_mode_enabled() or not k.is_inference() for k, _ in self.buffers)
+            )
+            if lend:
+                self._borrower = weakref.ref(cache)
+        for i, (keys, values) in enumerate(self.buffers):
+            if lend:
+                cache.layers[i] = PrefixedLayer(keys, values, self.length)
+            else:
+                keys, values = keys[:, :, : self.length], values[:, :, : self.length]
+                cache.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1), i)
 
 
-def compute_memory_prefix(model: "MemoryLLM", state: MemoryState) -> MemoryPrefix:
+def _with_room(keys: torch.Tensor, values: torch.Tensor, spare: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if spare == 0:
+        return keys, values
+    shape = (*keys.shape[:2], keys.shape[2] + spare, keys.shape[3])
+    room_k, room_v = keys.new_empty(shape), values.new_empty(shape)
+    room_k[:, :, : keys.shape[2]], room_v[:, :, : keys.shape[2]] = keys, values
+    return room_k, room_v
+
+
+class PrefixedLayer(DynamicLayer):
+    """A `DynamicLayer` that starts as the memory prefix and grows in place in the buffer's free room.
+
+    It behaves exactly like a `DynamicLayer` (same keys/values, same lengths); once the room is
+    used up, or its tensors were replaced (beam reordering), it falls back to concatenation.
+    """
+
+    def __init__(self, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, length: int):
+        super().__init__()
+        self.lazy_initialization(keys_buffer, values_buffer)
+        self.keys_buffer, self.values_buffer = keys_buffer, values_buffer
+        self.keys, self.values = keys_buffer[:, :, :length], values_buffer[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        in_buffer = self.keys_buffer is not None and self.keys.data_ptr() == self.keys_buffer.data_ptr()
+        if in_buffer and end <= self.keys_buffer.shape[2] and key_states.shape[0] == self.keys.shape[0]:
+            self.keys_buffer[:, :, start:end] = key_states
+            self.values_buffer[:, :, start:end] = value_states
+            self.keys, self.values = self.keys_buffer[:, :, :end], self.values_buffer[:, :, :end]
+            return self.keys, self.values
+        self.keys_buffer = self.values_buffer = None  # from here on, an ordinary DynamicLayer
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+def compute_memory_prefix(model: "MemoryLLM", state: MemoryState, spare: int = 0) -> MemoryPrefix:
     """Project [bos_l ; STM_l] through every layer's norm, k/v projections and RoPE (positions 0..P-1)."""
     if not state.initialized:
         # Nothing written yet: the model reads without memory (and without bos), as the original does.
@@ -50,7 +116,7 @@ def compute_memory_prefix(model: "MemoryLLM", state: MemoryState) -> MemoryPrefi
         vectors = torch.cat([model.bos_embedding.to(vectors.dtype), vectors], dim=1)
     rope = rotary_embeddings(decoder.rotary_emb, vectors, 0, vectors.shape[1])
     return MemoryPrefix(
-        [prefix_keys_values(layer, vectors[i : i + 1], rope) for i, layer in enumerate(decoder.layers)]
+        [prefix_keys_values(layer, vectors[i : i + 1], rope) for i, layer in enumerate(decoder.layers)], spare=spare
     )
 
 
@@ -73,7 +139,7 @@ class PrefixCache:
         if entry is not None and entry[0] == key:
             return entry[1]
         with torch.no_grad():
-            prefix = compute_memory_prefix(model, state)
+            prefix = compute_memory_prefix(model, state, spare=SPARE_POSITIONS)
         self._entries[state] = (key, prefix)
         return prefix
 
