@@ -194,3 +194,15 @@ def test_incomplete_or_foreign_checkpoint_is_refused_clearly(tmp_path):
         MemoryLLM.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         MemoryLLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_transformers_style_arguments_and_generation_config_are_honoured(tmp_path):
+    build_official(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5, "bos_token_id": 1}))
+    model = MemoryLLM.from_pretrained(
+        tmp_path, torch_dtype=torch.float64, device_map="cpu", low_cpu_mem_usage=True, attn_implementation="eager"
+    )
+    assert model.dtype == torch.float64 and model.generation_config.eos_token_id == 5
+    assert model.backbone.config._attn_implementation == "eager"
+    ids = random_ids(5)
+    assert model(ids, memory=model.initial_memory()).logits.dtype == torch.float64

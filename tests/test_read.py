@@ -259,3 +259,18 @@ def test_inference_mode_read_then_plain_generate_works():
         model(ids, memory=state)  # buffers created as inference tensors
     got = model.generate(ids, memory=state, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, reference_greedy(model, state.stm, ids, steps=4))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_other_attention_backends_read_and_write_the_same(attn):
+    model = make_model()
+    model.backbone.set_attn_implementation(attn)
+    state = filled_state(model)
+    before = state.stm.clone()
+    ctx = random_ids(12, seed=8)
+    model.inject(state, input_ids=ctx, allow_short=True)
+    from reference import reference_new_slots
+
+    torch.testing.assert_close(state.stm[:, -8:], reference_new_slots(model, before, ctx), atol=ATOL, rtol=0)
+    ids = random_ids(7, seed=5)
+    torch.testing.assert_close(model(ids, memory=state).logits, reference_logits(model, state.stm, ids), atol=ATOL, rtol=0)

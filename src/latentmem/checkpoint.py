@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from .config import MemoryLLMConfig
 from .state import MemoryState
 
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 SHARD_INDEX = "model.safetensors.index.json"
 BACKBONE_PREFIX = "backbone."
 # Memory fields of the official config.json, besides the Llama ones.
@@ -67,7 +68,12 @@ def official_config_to_native(config: dict) -> MemoryLLMConfig:
         num_blocks=config["num_blocks"],
         add_bos_embedding=config.get("add_bos_embedding", True),
         drop_memory_per_layer=config.get("drop_memory_per_layer", False),
-        lora=None if lora is None else {k: lora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+        lora=None if lora is None else {
+            "r": lora["r"],
+            "lora_alpha": lora.get("lora_alpha", lora["r"]),
+            "lora_dropout": lora.get("lora_dropout", 0.0),
+            "target_modules": lora.get("target_modules"),
+        },
         add_decoder_lora=config.get("add_decoder_lora", False),
     )
 
@@ -88,7 +94,7 @@ def native_config_to_official(config: MemoryLLMConfig) -> dict:
     return official
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device=None):
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
     from .modeling import MemoryLLM
 
     folder = Path(path)
@@ -97,6 +103,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None):
     raw_config = json.loads((folder / "config.json").read_text())
     official = is_official_checkpoint(raw_config)
     config = official_config_to_native(raw_config) if official else MemoryLLMConfig.from_dict(raw_config)
+    if attn_implementation is not None:
+        config.backbone_config._attn_implementation = attn_implementation
     tensors = read_weights(folder)
     memory = tensors.pop("memory", None)
     initialized = tensors.pop("initialized", None)
@@ -105,6 +113,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None):
     dtype = dtype or next(iter(tensors.values())).dtype
     _load_weights(model, tensors)
     model = model.to(dtype=dtype, device=device or "cpu").eval()
+    if (folder / GENERATION_CONFIG).exists():  # eos/pad ids and sampling defaults of the checkpoint
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.backbone.generation_config = model.generation_config
     if memory is not None:
         state = model.new_memory()
         if initialized is None or int(initialized) != 0:
@@ -155,4 +166,5 @@ def save_pretrained(model, path, layout: str = "native", memory: MemoryState | N
     else:
         config = model.config.to_dict()
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    model.generation_config.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))

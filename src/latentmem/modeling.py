@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .adapters import AdapterSwitch
 from .attention import use_folded_gqa_attention
@@ -28,6 +29,7 @@ from .reading import PrefixCache, compute_memory_prefix
 from .state import MemoryState
 from .writing import InjectionResult, inject
 
+logger = logging.get_logger(__name__)
 
 class MemoryLLM(PreTrainedModel, GenerationMixin):
     config_class = MemoryLLMConfig
@@ -208,18 +210,31 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device=None, torch_dtype=None
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        attn_implementation: str | None = None,
+        **hf_kwargs,
     ) -> "MemoryLLM":
         """Load a latentmem folder or an official MemoryLLM checkpoint folder (SPEC §6).
 
-        `dtype` defaults to the checkpoint's own ("auto"); `torch_dtype` is accepted as an alias.
+        `dtype` defaults to the checkpoint's own ("auto"). For drop-in use where transformers'
+        arguments are passed, `torch_dtype` is read as `dtype` and a single-device `device_map` as
+        `device`; loading-strategy flags (`low_cpu_mem_usage`, `trust_remote_code`, ...) are ignored.
         """
         from .checkpoint import load_pretrained
 
-        dtype = dtype if dtype is not None else torch_dtype
+        dtype = dtype if dtype is not None else hf_kwargs.pop("torch_dtype", None)
+        device_map = hf_kwargs.pop("device_map", None)
+        if device is None and isinstance(device_map, (str, torch.device, int)) and device_map != "auto":
+            device = device_map
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else getattr(torch, dtype)
-        return load_pretrained(path, dtype=dtype, device=device)
+        if hf_kwargs:
+            logger.info("from_pretrained ignores %s", sorted(hf_kwargs))
+        return load_pretrained(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
     def save_pretrained(self, path: str | Path, *, layout: str = "native", memory: MemoryState | None = None) -> None:
         """Write the weights: `layout="native"` (no memory inside) or `"official"` (with `memory`)."""
