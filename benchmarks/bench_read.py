@@ -183,7 +183,7 @@ def bench_reads(model: MemoryLLM, state, args: argparse.Namespace) -> dict:
 
     def prefix_only():
         model.adapters.activate("read")
-        return latentmem.reading.compute_memory_prefix(model, state)
+        return latentmem.reading.compute_memory_prefix(model, state.stm)
 
     def no_memory():
         model.adapters.activate("read")  # the same LoRA work as a read; model(q) would turn adapters off
@@ -293,7 +293,7 @@ def main() -> None:
         if args.profile:
             q = random_ids(args.query_len, args.vocab, args.seed + 1)
             profile(lambda: model(q, memory=state, use_cache=False), "cached read")
-            profile(lambda: latentmem.reading.compute_memory_prefix(model, state), "compute_memory_prefix")
+            profile(lambda: latentmem.reading.compute_memory_prefix(model, state.stm), "compute_memory_prefix")
             ctx = random_ids(args.context_lens[0], args.vocab, args.seed + 7)
             profile(lambda: model.inject(state, input_ids=ctx, allow_short=True), f"inject n={args.context_lens[0]}")
 

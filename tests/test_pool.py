@@ -115,3 +115,43 @@ def test_surviving_slots_counts_per_injection():
     write_slots(s, slots(2, 8, 4, 1), injection_id=1, per_layer=False)
     counts = s.surviving_slots()
     assert counts[1] == 2 * 8 and counts[0] == 2 * 24
+
+
+def test_forget_removes_exactly_one_sources_slots_and_keeps_the_pool_full():
+    model = make_model()
+    s = model.new_memory(seed=2)
+    model.inject(s, input_ids=random_ids(20, seed=0), source="a")
+    model.inject(s, input_ids=random_ids(20, seed=1), source="secret")
+    model.inject(s, input_ids=random_ids(20, seed=2), source="b")
+    secret_slots = s.stm[s.sources == 1]
+    assert 0 < len(secret_slots) <= 3 * 8  # the third write may already have dropped a few
+    removed = model.forget(s, source="secret")
+    assert removed == len(secret_slots) and 1 not in s.surviving_slots()
+    assert s.stm.shape == (3, 32, 64) and s.initialized
+    for row in secret_slots:  # no forgotten vector remains anywhere
+        assert not (s.stm == row).all(dim=-1).any()
+    # holes were refilled from survivors of the same layer: every slot equals some surviving original
+    assert set(s.surviving_slots()) == {0, 2}
+
+
+def test_forgetting_everything_empties_the_memory():
+    model = make_model()
+    s = model.new_memory()
+    model.inject(s, input_ids=random_ids(20), source="only")
+    assert model.forget(s, source="only") == 3 * 32
+    assert not s.initialized and s.surviving_slots() == {}
+
+
+def test_forget_invalidates_cached_reads_and_rejects_unknown_ids():
+    model = make_model()
+    s = model.new_memory()
+    model.inject(s, input_ids=random_ids(20), source="a")
+    model.inject(s, input_ids=random_ids(20, seed=1), source="b")
+    ids = random_ids(4)
+    before = model(ids, memory=s).logits
+    model.forget(s, source="b")
+    assert not torch.equal(before, model(ids, memory=s).logits)
+    import pytest
+
+    with pytest.raises(KeyError):
+        model.forget(s, injection_ids=[42])

@@ -74,7 +74,7 @@ def test_cached_memory_kv_equals_recomputation():
     cached = model.prefix_cache.get(model, state)
     again = model(ids, memory=state).logits
     assert model.prefix_cache.get(model, state) is cached  # reused, not recomputed
-    fresh = compute_memory_prefix(model, state)
+    fresh = compute_memory_prefix(model, state.stm)
     for (k1, v1), (k2, v2) in zip(cached.keys_values, fresh.keys_values):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
     assert torch.equal(first, again)
@@ -116,7 +116,7 @@ def test_state_of_another_model_is_refused():
     with pytest.raises(ValueError, match="another model"):
         model(random_ids(3), memory=other.new_memory())
     with pytest.raises(TypeError, match="MemoryState"):
-        model(random_ids(3), memory=torch.zeros(3))
+        model(random_ids(3), memory=[[0.0]])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -274,3 +274,15 @@ def test_other_attention_backends_read_and_write_the_same(attn):
     torch.testing.assert_close(state.stm[:, -8:], reference_new_slots(model, before, ctx), atol=ATOL, rtol=0)
     ids = random_ids(7, seed=5)
     torch.testing.assert_close(model(ids, memory=state).logits, reference_logits(model, state.stm, ids), atol=ATOL, rtol=0)
+
+
+def test_a_raw_slot_tensor_is_read_like_a_state_and_passes_gradients():
+    model = make_model()
+    slots = torch.randn(3, 5, 64, requires_grad=True)  # e.g. freshly written slots, any count
+    ids = random_ids(6)
+    logits = model(ids, memory=slots).logits
+    torch.testing.assert_close(logits, reference_logits(model, slots.detach(), ids), atol=ATOL, rtol=0)
+    logits.sum().backward()
+    assert slots.grad is not None and slots.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="layers=3"):
+        model(ids, memory=torch.randn(2, 5, 64))

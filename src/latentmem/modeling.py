@@ -25,6 +25,7 @@ from transformers.utils import logging
 from .adapters import AdapterSwitch
 from .attention import use_folded_gqa_attention
 from .config import MemoryLLMConfig
+from .pool import forget_injections
 from .reading import PrefixCache, compute_memory_prefix
 from .state import MemoryState
 from .writing import InjectionResult, inject
@@ -143,13 +144,33 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         """
         return inject(self, memory, input_ids, text, tokenizer, allow_short=allow_short, source=source)
 
-    # --- reading (SPEC §3) ----------------------------------------------------------------
-    def memory_prefix(self, memory: MemoryState):
-        """Memory keys/values for reading: cached per memory version, fresh (with grad) in training."""
+    def forget(self, memory: MemoryState, *, source: str | None = None, injection_ids=None) -> int:
+        """Remove the slots written by the injections under `source` (or with these ids). Returns the count."""
         self.check_state(memory)
+        if (source is None) == (injection_ids is None):
+            raise ValueError("pass exactly one of source= or injection_ids=")
+        ids = memory.injections_from(source) if source is not None else list(injection_ids)
+        unknown = set(ids) - set(memory.injections)
+        if unknown:
+            raise KeyError(f"no injections with ids {sorted(unknown)} in this memory")
+        return forget_injections(memory, ids)
+
+    # --- reading (SPEC §3) ----------------------------------------------------------------
+    def memory_prefix(self, memory: MemoryState | torch.Tensor):
+        """Memory keys/values for reading.
+
+        A `MemoryState`'s are cached per memory version (fresh, with gradients, in training mode);
+        a raw pool `[L, M, d]` (e.g. slots just written, still carrying gradients) is projected anew.
+        """
         self.adapters.activate("read")
-        if self.training and torch.is_grad_enabled():
+        if isinstance(memory, torch.Tensor):
+            L, d = self.backbone.config.num_hidden_layers, self.backbone.config.hidden_size
+            if memory.dim() != 3 or memory.shape[0] != L or memory.shape[2] != d:
+                raise ValueError(f"a memory tensor must be [layers={L}, slots, hidden={d}], got {list(memory.shape)}")
             return compute_memory_prefix(self, memory)
+        self.check_state(memory)
+        if self.training and torch.is_grad_enabled():
+            return compute_memory_prefix(self, memory.stm if memory.initialized else None)
         return self.prefix_cache.get(self, memory)
 
     def forward(
@@ -162,11 +183,14 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        memory: MemoryState | None = None,
+        memory: MemoryState | torch.Tensor | None = None,
         past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal LM forward that reads `memory`; with `memory=None`, exactly the plain backbone.
+
+        `memory` is a `MemoryState`, or a raw pool `[L, M, d]` of slots (read as is, not cached;
+        training reads freshly written slots this way so gradients reach the write path).
 
         `attention_mask` and `position_ids` describe the prompt only (positions count from its
         first token); the memory prefix is placed in front of them here. A `cache` passed back in

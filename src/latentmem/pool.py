@@ -58,3 +58,32 @@ def write_slots(state: MemoryState, new_slots: torch.Tensor, injection_id: int, 
             torch.cat([state.sources[layer_index, survivors], new_sources], dim=1),
         )
     state.write_count += 1
+
+
+def forget_injections(state: MemoryState, injection_ids: set[int] | list[int]) -> int:
+    """Remove every slot the given injections wrote (targeted forgetting). Returns the slots removed.
+
+    The pool keeps its size: in each layer, a forgotten slot is overwritten by a copy of a randomly
+    drawn surviving slot of that layer (with its provenance and age), as the first write tiles its
+    slots. A layer left with no survivors empties the whole state (nothing else to read).
+    """
+    ids = torch.tensor(sorted(set(injection_ids)), dtype=torch.long)
+    forgotten = torch.isin(state.sources, ids)  # [L, N]
+    removed = int(forgotten.sum())
+    if removed == 0:
+        return 0
+    survivors_per_layer = (~forgotten).sum(dim=1)
+    if (survivors_per_layer == 0).any():
+        state.clear()
+        return removed
+    stm, ages, sources = state.stm.clone(), state.ages.clone(), state.sources.clone()
+    for layer in range(state.num_layers):
+        holes = forgotten[layer].nonzero().view(-1)
+        if holes.numel() == 0:
+            continue
+        kept = (~forgotten[layer]).nonzero().view(-1)
+        donors = kept[torch.randint(len(kept), (len(holes),), generator=state.generator)]
+        stm[layer, holes.to(stm.device)] = stm[layer, donors.to(stm.device)]
+        ages[layer, holes], sources[layer, holes] = ages[layer, donors], sources[layer, donors]
+    state.replace_pool(stm, ages, sources)
+    return removed

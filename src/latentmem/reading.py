@@ -105,13 +105,16 @@ class PrefixedLayer(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
 
-def compute_memory_prefix(model: "MemoryLLM", state: MemoryState, spare: int = 0) -> MemoryPrefix:
-    """Project [bos_l ; STM_l] through every layer's norm, k/v projections and RoPE (positions 0..P-1)."""
-    if not state.initialized:
-        # Nothing written yet: the model reads without memory (and without bos), as the original does.
+def compute_memory_prefix(model: "MemoryLLM", slots: torch.Tensor | None, spare: int = 0) -> MemoryPrefix:
+    """Project [bos_l ; slots_l] through every layer's norm, k/v projections and RoPE (positions 0..P-1).
+
+    `slots` is a pool `[L, M, d]`, or None for memory with nothing written yet: then the model reads
+    without memory (and without bos), as the original does.
+    """
+    if slots is None:
         return MemoryPrefix()
     decoder = model.decoder
-    vectors = state.stm.to(model.dtype)  # [L, N, d]
+    vectors = slots.to(model.dtype)
     if model.bos_embedding is not None:
         vectors = torch.cat([model.bos_embedding.to(vectors.dtype), vectors], dim=1)
     rope = rotary_embeddings(decoder.rotary_emb, vectors, 0, vectors.shape[1])
@@ -139,7 +142,7 @@ class PrefixCache:
         if entry is not None and entry[0] == key:
             return entry[1]
         with torch.no_grad():
-            prefix = compute_memory_prefix(model, state, spare=SPARE_POSITIONS)
+            prefix = compute_memory_prefix(model, state.stm if state.initialized else None, spare=SPARE_POSITIONS)
         self._entries[state] = (key, prefix)
         return prefix
 

@@ -109,6 +109,18 @@ class MemoryState:
         self.initialized = True
         self.touch()
 
+    def clear(self) -> None:
+        """Forget everything: back to an empty pool (the injection records are kept)."""
+        self._stm = torch.zeros_like(self._stm)
+        self.ages.zero_()
+        self.sources.fill_(EXTERNAL)
+        self.initialized = False
+        self.touch()
+
+    def injections_from(self, source: str) -> list[int]:
+        """Ids of the injections recorded under a source label."""
+        return [i.id for i in self.injections.values() if i.source == source]
+
     def record_injection(self, source: str, tokens: int) -> Injection:
         injection = Injection(id=len(self.injections), source=source, tokens=tokens)
         self.injections[injection.id] = injection
