@@ -155,3 +155,25 @@ def test_forget_invalidates_cached_reads_and_rejects_unknown_ids():
 
     with pytest.raises(KeyError):
         model.forget(s, injection_ids=[42])
+
+
+def test_write_returns_exactly_the_evicted_slots():
+    s = state(L=2, N=32)
+    s.stm = torch.arange(32, dtype=torch.float).view(1, 32, 1).expand(2, 32, 4)
+    evicted = write_slots(s, slots(2, 8, 4, -1), injection_id=3, per_layer=True)
+    for layer in range(2):
+        gone = set(evicted.slots[layer, :, 0].tolist())
+        kept = set(s.stm[layer, :24, 0].tolist())
+        assert len(gone) == 8 and gone.isdisjoint(kept) and gone | kept == set(range(32))
+    assert (evicted.sources == EXTERNAL).all() and (evicted.ages == 0).all()
+
+
+def test_protected_slots_are_dropped_last():
+    s = state(L=1, N=32)
+    s.stm = torch.arange(32, dtype=torch.float).view(1, 32, 1).expand(1, 32, 4)
+    protected = torch.zeros(1, 32, dtype=torch.bool)
+    protected[0, :20] = True  # 12 unprotected slots: the 8 victims come from them
+    for _ in range(1):
+        evicted = write_slots(s, slots(1, 8, 4, -1), injection_id=0, per_layer=False, protected=protected)
+    assert (evicted.slots[0, :, 0] >= 20).all()
+    assert set(range(20)) <= set(s.stm[0, :, 0].tolist())

@@ -12,13 +12,14 @@ Both layouts use the same tensor names (the official ones: `model.layers.{i}...`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, GenerationConfig
 
-from .config import MemoryLLMConfig
+from .config import MemoryLLMConfig, MPlusConfig
 from .state import MemoryState
 
 WEIGHTS_FILE = "model.safetensors"
@@ -30,12 +31,31 @@ OFFICIAL_MEMORY_FIELDS = (
     "num_tokens", "num_blocks", "num_memory_tokens", "add_bos_embedding",
     "drop_memory_per_layer", "add_decoder_lora", "lora_config",
 )  # fmt: skip
+# M+ fields of the official config.json (SPEC §6); only some have a meaning in latentmem.
+OFFICIAL_MPLUS_FIELDS = (
+    "num_ltm_blocks", "update_ltm_mode", "update_ltm_frequency", "decay_frequency",
+    "initial_rf_when_moving_stm_to_ltm", "ltm_initial_size", "selector_hidden_dim",
+    "num_selector_layers", "add_selector", "add_encoder_retriever", "detach_hidden_state",
+)  # fmt: skip
+MPLUS_KEPT_FIELDS = (
+    "num_ltm_blocks", "update_ltm_frequency", "decay_frequency",
+    "initial_rf_when_moving_stm_to_ltm", "selector_hidden_dim", "num_selector_layers",
+)  # fmt: skip
+# Official retriever weights sit inside each attention module; latentmem keeps them apart.
+OFFICIAL_RETRIEVER_KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(query_proj|key_proj|encoder_query_proj)\.(.+)$")
+NATIVE_RETRIEVER_KEY = re.compile(r"^retrievers\.(\d+)\.(query_proj|key_proj|encoder_query_proj)\.(.+)$")
+LTM_TENSORS = ("ltm", "ltm_keys", "ltm_recall_frequencies", "ltm_ages")
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
 def is_official_checkpoint(config: dict) -> bool:
-    return "MemoryLLM" in (config.get("architectures") or []) and "num_tokens" in config
+    architectures = config.get("architectures") or []
+    return ("MemoryLLM" in architectures or "MPlus" in architectures) and "num_tokens" in config
+
+
+def is_mplus(config: dict) -> bool:
+    return "MPlus" in (config.get("architectures") or []) or config.get("model_type") == MPlusConfig.model_type
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -52,7 +72,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def official_config_to_native(config: dict) -> MemoryLLMConfig:
-    backbone_fields = {k: v for k, v in config.items() if k not in OFFICIAL_MEMORY_FIELDS}
+    skip = OFFICIAL_MEMORY_FIELDS + OFFICIAL_MPLUS_FIELDS
+    backbone_fields = {k: v for k, v in config.items() if k not in skip}
     backbone_fields.pop("architectures", None)
     backbone_fields.pop("auto_map", None)
     model_type = backbone_fields.pop("model_type", "llama")
@@ -62,7 +83,11 @@ def official_config_to_native(config: dict) -> MemoryLLMConfig:
         config["num_tokens"] * config["num_blocks"]
     ):
         raise ValueError("config.json: num_memory_tokens must equal num_tokens * num_blocks")
-    return MemoryLLMConfig(
+    config_class, extra = MemoryLLMConfig, {}
+    if is_mplus(config):
+        config_class, extra = MPlusConfig, {k: config[k] for k in MPLUS_KEPT_FIELDS if k in config}
+    return config_class(
+        **extra,
         backbone_config=backbone_config,
         num_tokens=config["num_tokens"],
         num_blocks=config["num_blocks"],
@@ -80,8 +105,11 @@ def official_config_to_native(config: dict) -> MemoryLLMConfig:
 
 def native_config_to_official(config: MemoryLLMConfig) -> dict:
     official = config.backbone_config.to_dict()
+    if isinstance(config, MPlusConfig):
+        official.update({k: getattr(config, k) for k in MPLUS_KEPT_FIELDS})
+        official.update(add_selector=True, add_encoder_retriever=True)
     official.update(
-        architectures=["MemoryLLM"],
+        architectures=["MPlus" if isinstance(config, MPlusConfig) else "MemoryLLM"],
         model_type=config.backbone_config.model_type,
         num_tokens=config.num_tokens,
         num_blocks=config.num_blocks,
@@ -96,20 +124,26 @@ def native_config_to_official(config: MemoryLLMConfig) -> dict:
 
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
     from .modeling import MemoryLLM
+    from .mplus import MPlus
 
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     raw_config = json.loads((folder / "config.json").read_text())
     official = is_official_checkpoint(raw_config)
-    config = official_config_to_native(raw_config) if official else MemoryLLMConfig.from_dict(raw_config)
+    if official:
+        config = official_config_to_native(raw_config)
+    else:
+        config = (MPlusConfig if is_mplus(raw_config) else MemoryLLMConfig).from_dict(raw_config)
     if attn_implementation is not None:
         config.backbone_config._attn_implementation = attn_implementation
     tensors = read_weights(folder)
     memory = tensors.pop("memory", None)
     initialized = tensors.pop("initialized", None)
+    ltm = {name: _pop_layers(tensors, name) for name in LTM_TENSORS}
+    tensors = {_native_retriever_key(k): v for k, v in tensors.items()}
 
-    model = MemoryLLM(config)
+    model = (MPlus if isinstance(config, MPlusConfig) else MemoryLLM)(config)
     dtype = dtype or next(iter(tensors.values())).dtype
     _load_weights(model, tensors)
     model = model.to(dtype=dtype, device=device or "cpu").eval()
@@ -120,8 +154,37 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, attn_im
         state = model.new_memory()
         if initialized is None or int(initialized) != 0:
             state.stm = memory
+        if state.ltm is not None and ltm["ltm"]:
+            _fill_long_term(model, state, ltm)
         model.checkpoint_memory = state
     return model
+
+
+def _pop_layers(tensors: dict, name: str) -> list[torch.Tensor]:
+    """Remove `name.0`, `name.1`, ... from `tensors`, in layer order."""
+    found = {int(k.rsplit(".", 1)[1]): k for k in tensors if k.startswith(name + ".") and k.rsplit(".", 1)[1].isdigit()}
+    return [tensors.pop(found[i]) for i in sorted(found)]
+
+
+def _native_retriever_key(key: str) -> str:
+    match = OFFICIAL_RETRIEVER_KEY.match(key)
+    return f"retrievers.{match[1]}.{match[2]}.{match[3]}" if match else key
+
+
+def _official_retriever_key(key: str) -> str:
+    match = NATIVE_RETRIEVER_KEY.match(key)
+    return f"model.layers.{match[1]}.self_attn.{match[2]}.{match[3]}" if match else key
+
+
+def _fill_long_term(model, state: MemoryState, ltm: dict[str, list[torch.Tensor]]) -> None:
+    """Put an official checkpoint's long-term slots (keys, recall frequencies, ages) into the state."""
+    if len(ltm["ltm"]) != state.num_layers:
+        raise ValueError(f"checkpoint has long-term memory for {len(ltm['ltm'])} layers, model has {state.num_layers}")
+    for i in range(state.num_layers):
+        slots, keys = ltm["ltm"][i], ltm["ltm_keys"][i]
+        store = state.ltm
+        store.add(i, slots, keys, torch.full((len(slots),), -1, dtype=torch.long), frequency=0.0)
+        store.set_layer_stats(i, ages=ltm["ltm_ages"][i], frequencies=ltm["ltm_recall_frequencies"][i])
 
 
 def _load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
@@ -153,6 +216,8 @@ def save_pretrained(model, path, layout: str = "native", memory: MemoryState | N
     tensors = {}
     for name, value in model.state_dict().items():
         key = name[len(BACKBONE_PREFIX) :] if name.startswith(BACKBONE_PREFIX) else name
+        if layout == "official":
+            key = _official_retriever_key(key)
         tensors[key] = value.detach().contiguous().cpu()
     if model.backbone.config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors refuses shared storage
@@ -161,7 +226,16 @@ def save_pretrained(model, path, layout: str = "native", memory: MemoryState | N
         L, N, d = model.new_memory().shape
         pool = memory.stm if memory is not None else torch.zeros(L, N, d, dtype=model.dtype)
         tensors["memory"] = pool.detach().to(model.dtype).contiguous().cpu()
-        tensors["initialized"] = torch.tensor(int(memory is not None and memory.initialized), dtype=torch.uint8)
+        if isinstance(model.config, MPlusConfig):
+            if memory is not None and memory.ltm is not None:
+                for i in range(L):
+                    everything = memory.ltm.get(i, torch.arange(memory.ltm.size(i)))
+                    tensors[f"ltm.{i}"] = torch.as_tensor(everything["slots"]).to(model.dtype).contiguous()
+                    tensors[f"ltm_keys.{i}"] = torch.as_tensor(everything["keys"]).to(model.dtype).contiguous()
+                    tensors[f"ltm_recall_frequencies.{i}"] = torch.as_tensor(everything["frequencies"]).float()
+                    tensors[f"ltm_ages.{i}"] = torch.as_tensor(everything["ages"]).long()
+        else:
+            tensors["initialized"] = torch.tensor(int(memory is not None and memory.initialized), dtype=torch.uint8)
         config = native_config_to_official(model.config)
     else:
         config = model.config.to_dict()

@@ -72,3 +72,68 @@ class MemoryLLMConfig(PretrainedConfig):
     def get_text_config(self, *args: Any, **kwargs: Any) -> PretrainedConfig:
         # Generation utilities (caches, stopping criteria) size themselves from the backbone.
         return self.backbone_config
+
+
+class MPlusConfig(MemoryLLMConfig):
+    r"""Configuration of [`MPlus`]: MemoryLLM plus a long-term memory with a co-trained retriever (SPEC §5).
+
+    Of `num_blocks` blocks of K slots, `num_ltm_blocks` are retrieved from long-term memory per
+    prompt and the rest form short-term memory, so a read attends to the same number of slots.
+
+    Args:
+        num_ltm_blocks: blocks of K slots retrieved from long-term memory for each prompt.
+        selector_hidden_dim: h, the retrieval key size.
+        num_selector_layers: layers of each retriever MLP (2: Linear -> SiLU -> Linear).
+        initial_rf_when_moving_stm_to_ltm: recall frequency an evicted slot starts with.
+        decay_frequency: subtracted from every frequency each `update_ltm_frequency` writes.
+        update_ltm_frequency: writes between frequency decays (and pruning).
+        ltm_max_slots: hard per-layer budget of long-term slots (None: unbounded); the lowest-value
+            slots (recall frequency x importance) go first.
+        ltm_index: "exact" (default), "ivf" or "hnsw" search over long-term keys.
+        promote_on_retrieval: recall frequency added to retrieved slots (0 keeps the release's
+            behaviour, which never raises it and so forgets first-in-first-out).
+        protect_pinned_fraction: at most this fraction of short-term slots is spared by random
+            drops because it belongs to pinned injections (0: off, as in the release).
+    """
+
+    model_type = "latentmem_mplus"
+
+    def __init__(
+        self,
+        num_ltm_blocks: int = 10,
+        selector_hidden_dim: int = 256,
+        num_selector_layers: int = 2,
+        initial_rf_when_moving_stm_to_ltm: float = 10.0,
+        decay_frequency: float = 1.0,
+        update_ltm_frequency: int = 60,
+        ltm_max_slots: int | None = None,
+        ltm_index: str = "exact",
+        promote_on_retrieval: float = 1.0,
+        protect_pinned_fraction: float = 0.0,
+        **kwargs: Any,
+    ):
+        self.num_ltm_blocks = num_ltm_blocks
+        self.selector_hidden_dim = selector_hidden_dim
+        self.num_selector_layers = num_selector_layers
+        self.initial_rf_when_moving_stm_to_ltm = initial_rf_when_moving_stm_to_ltm
+        self.decay_frequency = decay_frequency
+        self.update_ltm_frequency = update_ltm_frequency
+        self.ltm_max_slots = ltm_max_slots
+        self.ltm_index = ltm_index
+        self.promote_on_retrieval = promote_on_retrieval
+        self.protect_pinned_fraction = protect_pinned_fraction
+        super().__init__(**kwargs)
+        if not 0 < num_ltm_blocks < self.num_blocks:
+            raise ValueError(f"num_ltm_blocks ({num_ltm_blocks}) must be between 1 and num_blocks - 1 ({self.num_blocks - 1})")
+        if ltm_index not in ("exact", "ivf", "hnsw"):
+            raise ValueError(f"ltm_index must be 'exact', 'ivf' or 'hnsw', got {ltm_index!r}")
+
+    @property
+    def memory_size(self) -> int:
+        """N: short-term slots per layer (the blocks not reserved for retrieved long-term slots)."""
+        return (self.num_blocks - self.num_ltm_blocks) * self.num_tokens
+
+    @property
+    def retrieved_slots(self) -> int:
+        """Long-term slots retrieved per layer and prompt (at most)."""
+        return self.num_ltm_blocks * self.num_tokens

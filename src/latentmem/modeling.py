@@ -132,6 +132,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         *,
         allow_short: bool = False,
         source: str = "",
+        importance: float = 1.0,
+        pin: bool = False,
     ) -> InjectionResult:
         """Write a context into `memory` (in place). Long contexts go in as several chunks.
 
@@ -141,8 +143,20 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             text, tokenizer: the context as text; it is tokenized without special tokens.
             allow_short: accept contexts under `config.min_context_tokens` tokens.
             source: a label kept with the injection's provenance record.
+            importance, pin: how valuable the written slots are (M+ long-term budgets evict
+                low-value slots first; `pin=True` means importance infinity).
         """
-        return inject(self, memory, input_ids, text, tokenizer, allow_short=allow_short, source=source)
+        importance = float("inf") if pin else importance
+        return inject(
+            self, memory, input_ids, text, tokenizer, allow_short=allow_short, source=source, importance=importance
+        )
+
+    def protected_slots(self, memory: MemoryState) -> torch.Tensor | None:
+        """Short-term slots that random drops should spare (none in MemoryLLM)."""
+        return None
+
+    def after_write(self, memory: MemoryState, evicted) -> None:
+        """Called after every pool update with the evicted slots (MemoryLLM lets them go)."""
 
     def forget(self, memory: MemoryState, *, source: str | None = None, injection_ids=None) -> int:
         """Remove the slots written by the injections under `source` (or with these ids). Returns the count."""
@@ -211,12 +225,21 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.backbone.config)
         if cache.get_seq_length() == 0:
             prefix.seed(cache, batch_size)
-        if prefix.length:
+        return self.read_after_prefix(
+            prefix.length, cache, input_ids, attention_mask, position_ids, use_cache, **common
+        )
+
+    def read_after_prefix(
+        self, prefix_length: int, cache, input_ids, attention_mask, position_ids, use_cache, **common
+    ) -> CausalLMOutputWithPast:
+        """Run the backbone on a prompt whose `cache` already starts with `prefix_length` memory positions."""
+        batch_size = (input_ids if input_ids is not None else common["inputs_embeds"]).shape[0]
+        if prefix_length:
             if attention_mask is not None:
-                ones = attention_mask.new_ones(batch_size, prefix.length)
+                ones = attention_mask.new_ones(batch_size, prefix_length)
                 attention_mask = torch.cat([ones, attention_mask], dim=-1)
             if position_ids is not None:
-                position_ids = position_ids + prefix.length
+                position_ids = position_ids + prefix_length
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=True, **common,

@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import stat
+import shutil
 import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +81,13 @@ def save_state(state: MemoryState, path: str | Path) -> None:
         "injections": [asdict(i) for i in state.injections.values()],
         "checksum": _checksum(tensors),
     }
+    if state.ltm is not None:
+        # Long-term memory is a folder of (memory-mapped) arrays. Each save writes a new generation
+        # next to the file and the file names it, so the rename of the file is the one commit point:
+        # a crash before it leaves the old file naming the old, complete generation.
+        generation = f"{path.name}.ltm-{uuid.uuid4().hex[:12]}"
+        state.ltm.save(path.parent / generation)
+        manifest["ltm"] = generation
     manifest["manifest_checksum"] = _manifest_checksum(manifest)
     payload = save_bytes(tensors, metadata={"manifest": json.dumps(manifest)})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +102,17 @@ def save_state(state: MemoryState, path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if "ltm" in manifest:
+            shutil.rmtree(path.parent / manifest["ltm"], ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+    _remove_stale_generations(path, keep=manifest.get("ltm"))
+
+
+def _remove_stale_generations(path: Path, keep: str | None) -> None:
+    for old in path.parent.glob(f"{path.name}.ltm-*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _file_mode(path: Path) -> int:
@@ -197,6 +215,13 @@ def load_state(path: str | Path, model: "MemoryLLM | None" = None) -> MemoryStat
     )  # fmt: skip
     if manifest["initialized"]:
         state.replace_pool(tensors["stm"].to(state.device), tensors["ages"], tensors["sources"])
+    if manifest.get("ltm"):
+        from .ltm.store import LongTermStore
+
+        try:
+            state.ltm = LongTermStore.open(path.parent / manifest["ltm"], mmap=True)
+        except FileNotFoundError as err:
+            raise MemoryFileError(f"{path} names long-term memory {manifest['ltm']}, which is missing") from err
     state.write_count = manifest["write_count"]
     try:
         state.injections = {i["id"]: Injection(**i) for i in manifest["injections"]}

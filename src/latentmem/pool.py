@@ -8,6 +8,8 @@ the newest write. A slot survives t later writes with probability (1 - K/N)^t.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .state import MemoryState
@@ -22,19 +24,52 @@ def tile_to_fill(new: torch.Tensor, num_slots: int) -> torch.Tensor:
     return torch.cat(copies, dim=1)
 
 
-def draw_survivors(num_slots: int, num_dropped: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of the slots that survive a write, ascending (so survivors keep their order)."""
-    kept = torch.randperm(num_slots, generator=generator)[: num_slots - num_dropped]
-    return kept.sort().values
+def draw_survivors(
+    num_slots: int, num_dropped: int, generator: torch.Generator, protected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices of the slots that survive a write, ascending (so survivors keep their order).
+
+    Victims are drawn uniformly; slots marked `protected [N]` are drawn only once no unprotected
+    slot is left to drop (pinned memories, opt-in).
+    """
+    if protected is None or not protected.any():
+        kept = torch.randperm(num_slots, generator=generator)[: num_slots - num_dropped]
+        return kept.sort().values
+    open_slots, guarded = (~protected).nonzero().view(-1), protected.nonzero().view(-1)
+    order = torch.cat(
+        [open_slots[torch.randperm(len(open_slots), generator=generator)],
+         guarded[torch.randperm(len(guarded), generator=generator)]]
+    )  # fmt: skip
+    return order[num_dropped:].sort().values
 
 
-def write_slots(state: MemoryState, new_slots: torch.Tensor, injection_id: int, per_layer: bool) -> None:
-    """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or random forgetting."""
+@dataclass
+class Evicted:
+    """The slots one write dropped from short-term memory, per layer: where M+ long-term memory begins."""
+
+    slots: torch.Tensor  # [L, k, d]
+    sources: torch.Tensor  # [L, k]
+    ages: torch.Tensor  # [L, k]
+
+
+def write_slots(
+    state: MemoryState,
+    new_slots: torch.Tensor,
+    injection_id: int,
+    per_layer: bool,
+    protected: torch.Tensor | None = None,
+) -> Evicted | None:
+    """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or random forgetting.
+
+    Returns the evicted slots (None for the first write, which evicts nothing). `protected [L, N]`
+    marks slots to drop last.
+    """
     L, N, _ = state.shape
     k = new_slots.shape[1]
     new_slots = new_slots.detach().to(dtype=state.dtype, device=state.device)
     new_sources = torch.full((L, k), injection_id, dtype=torch.long)
     new_ages = torch.zeros(L, k, dtype=torch.long)
+    evicted = None
 
     if not state.initialized:
         state.replace_pool(tile_to_fill(new_slots, N), tile_to_fill(new_ages, N), tile_to_fill(new_sources, N))
@@ -42,10 +77,16 @@ def write_slots(state: MemoryState, new_slots: torch.Tensor, injection_id: int, 
         if k > N:
             raise ValueError(f"a write of {k} slots does not fit a pool of {N}")
         if per_layer:
-            survivors = torch.stack([draw_survivors(N, k, state.generator) for _ in range(L)])  # [L, N-k]
+            draws = [draw_survivors(N, k, state.generator, None if protected is None else protected[i]) for i in range(L)]
+            survivors = torch.stack(draws)  # [L, N-k]
         else:
-            survivors = draw_survivors(N, k, state.generator).expand(L, -1)
+            survivors = draw_survivors(N, k, state.generator, None if protected is None else protected[0]).expand(L, -1)
+        dropped = torch.ones(L, N, dtype=torch.bool)
+        dropped[torch.arange(L)[:, None], survivors] = False
+        victims = dropped.nonzero()[:, 1].view(L, k)  # ascending per layer
         layer_index = torch.arange(L)[:, None]
+        on_device = layer_index.to(state.device), victims.to(state.device)
+        evicted = Evicted(state.stm[on_device], state.sources[layer_index, victims], state.ages[layer_index, victims])
         pool = torch.empty_like(state.stm)  # gather straight into the new pool: no extra copy
         if per_layer:
             pool[:, : N - k] = state.stm[layer_index.to(state.device), survivors.to(state.device)]
@@ -58,6 +99,7 @@ def write_slots(state: MemoryState, new_slots: torch.Tensor, injection_id: int, 
             torch.cat([state.sources[layer_index, survivors], new_sources], dim=1),
         )
     state.write_count += 1
+    return evicted
 
 
 def forget_injections(state: MemoryState, injection_ids: set[int] | list[int]) -> int:

@@ -105,19 +105,22 @@ class PrefixedLayer(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
 
-def compute_memory_prefix(model: "MemoryLLM", slots: torch.Tensor | None, spare: int = 0) -> MemoryPrefix:
-    """Project [bos_l ; slots_l] through every layer's norm, k/v projections and RoPE (positions 0..P-1).
+def compute_memory_prefix(
+    model: "MemoryLLM", slots: torch.Tensor | None, spare: int = 0, start: int = 0, with_bos: bool = True
+) -> MemoryPrefix:
+    """Project [bos_l ; slots_l] through every layer's norm, k/v projections and RoPE (positions start..).
 
     `slots` is a pool `[L, M, d]`, or None for memory with nothing written yet: then the model reads
-    without memory (and without bos), as the original does.
+    without memory (and without bos), as the original does. M+ places retrieved slots between bos
+    and short-term memory, so it asks for the short-term part alone (`with_bos=False`) at `start`.
     """
     if slots is None:
         return MemoryPrefix()
     decoder = model.decoder
     vectors = slots.to(model.dtype)
-    if model.bos_embedding is not None:
+    if with_bos and model.bos_embedding is not None:
         vectors = torch.cat([model.bos_embedding.to(vectors.dtype), vectors], dim=1)
-    rope = rotary_embeddings(decoder.rotary_emb, vectors, 0, vectors.shape[1])
+    rope = rotary_embeddings(decoder.rotary_emb, vectors, start, vectors.shape[1])
     return MemoryPrefix(
         [prefix_keys_values(layer, vectors[i : i + 1], rope) for i, layer in enumerate(decoder.layers)], spare=spare
     )
@@ -136,13 +139,14 @@ class PrefixCache:
             weakref.WeakKeyDictionary()
         )
 
-    def get(self, model: "MemoryLLM", state: MemoryState) -> MemoryPrefix:
-        key = (state.version, model.adapters.active, model.dtype)
+    def get(self, model: "MemoryLLM", state: MemoryState, start: int = 0, with_bos: bool = True) -> MemoryPrefix:
+        key = (state.version, model.adapters.active, model.dtype, start, with_bos)
         entry = self._entries.get(state)
         if entry is not None and entry[0] == key:
             return entry[1]
         with torch.no_grad():
-            prefix = compute_memory_prefix(model, state.stm if state.initialized else None, spare=SPARE_POSITIONS)
+            slots = state.stm if state.initialized else None
+            prefix = compute_memory_prefix(model, slots, spare=SPARE_POSITIONS, start=start, with_bos=with_bos)
         self._entries[state] = (key, prefix)
         return prefix
 

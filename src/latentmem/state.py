@@ -29,6 +29,7 @@ class Injection:
     source: str
     tokens: int
     timestamp: float = field(default_factory=time.time)
+    importance: float = 1.0  # scales the value of its long-term slots; inf pins them
 
 
 class MemoryState:
@@ -67,6 +68,7 @@ class MemoryState:
         self.write_count = 0
         self.injections: dict[int, Injection] = {}
         self.version = 0
+        self.ltm = None  # M+ long-term memory (a LongTermStore), None for MemoryLLM
 
     # --- the pool -------------------------------------------------------------------------
     @property
@@ -121,8 +123,8 @@ class MemoryState:
         """Ids of the injections recorded under a source label."""
         return [i.id for i in self.injections.values() if i.source == source]
 
-    def record_injection(self, source: str, tokens: int) -> Injection:
-        injection = Injection(id=len(self.injections), source=source, tokens=tokens)
+    def record_injection(self, source: str, tokens: int, importance: float = 1.0) -> Injection:
+        injection = Injection(id=len(self.injections), source=source, tokens=tokens, importance=importance)
         self.injections[injection.id] = injection
         return injection
 

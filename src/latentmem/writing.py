@@ -134,6 +134,7 @@ def inject(
     *,
     allow_short: bool = False,
     source: str = "",
+    importance: float = 1.0,
 ) -> InjectionResult:
     """Write a context into `state`: chunk it, compute each chunk's new slots, update the pool."""
     model.check_state(state)
@@ -149,11 +150,15 @@ def inject(
     vocab = cfg.backbone_config.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"input_ids hold ids outside the vocabulary 0..{vocab - 1}")
-    injection = state.record_injection(source, ids.numel())
+    if not importance > 0:
+        raise ValueError(f"importance must be > 0 (float('inf') pins), got {importance}")
+    injection = state.record_injection(source, ids.numel(), importance)
     model.adapters.activate("write")
     slots = 0
     for chunk in chunks:
         new = compute_new_slots(model, state, chunk.to(model.device))
-        write_slots(state, new, injection.id, per_layer=cfg.drop_memory_per_layer)
+        protected = model.protected_slots(state)
+        evicted = write_slots(state, new, injection.id, per_layer=cfg.drop_memory_per_layer, protected=protected)
+        model.after_write(state, evicted)
         slots += new.shape[1]
     return InjectionResult(injection.id, len(chunks), ids.numel(), slots)

@@ -1,0 +1,96 @@
+"""Reading with long-term memory (SPEC §5): retrieve per layer, then attend to [bos ; retrieved ; STM].
+
+Which long-term slots a layer retrieves depends on the prompt's hidden states entering that layer,
+which depend on what earlier layers retrieved. So the first pass over a prompt walks the layers one
+by one: score the layer's long-term keys with the prompt's queries, take the top R (oldest first),
+put their keys/values, then the cached short-term keys/values, into that layer's cache, and run the
+layer. Later generation steps reuse the filled cache through the backbone, as any read does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..prefix import prefix_keys_values, rotary_embeddings
+from ..reading import compute_memory_prefix
+from ..state import MemoryState
+
+if TYPE_CHECKING:
+    from ..mplus import MPlus
+
+
+def retrieve(model: "MPlus", state: MemoryState, layer: int, normed: torch.Tensor, count: int) -> torch.Tensor:
+    """Long-term slots `[count, d]` for one prompt (`normed [n, d]`: input-norm output), oldest first."""
+    queries = model.retrievers[layer].queries(normed)
+    indices, _ = state.ltm.search(layer, queries, count)
+    found = state.ltm.get(layer, indices)
+    oldest_first = torch.argsort(torch.as_tensor(found["ages"]), descending=True, stable=True)
+    if model.config.promote_on_retrieval:
+        state.ltm.promote(layer, indices, model.config.promote_on_retrieval)
+    return torch.as_tensor(found["slots"])[oldest_first]
+
+
+def prefill_with_retrieval(
+    model: "MPlus",
+    state: MemoryState,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    count: int,
+    labels: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
+    use_cache: bool | None = True,
+) -> CausalLMOutputWithPast:
+    decoder = model.decoder
+    batch, n = input_ids.shape
+    hidden = decoder.embed_tokens(input_ids)
+    num_bos = 1 if model.bos_embedding is not None else 0
+    start = num_bos + count  # short-term slots sit behind bos and the retrieved slots
+    if model.training and torch.is_grad_enabled():
+        stm = compute_memory_prefix(model, state.stm, start=start, with_bos=False)
+    else:
+        stm = model.prefix_cache.get(model, state, start=start, with_bos=False)
+    prefix_len = num_bos + count + stm.length
+    head_rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, num_bos + count)
+    if position_ids is None:
+        position_ids = torch.arange(n, device=hidden.device)[None].expand(batch, -1)
+    position_ids = position_ids + prefix_len
+    prompt_rope = decoder.rotary_emb(hidden, position_ids=position_ids)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=-1)
+    real_tokens = attention_mask[:, prefix_len:].bool() if attention_mask is not None else None
+
+    cache, mask = DynamicCache(config=model.backbone.config), None
+    for i, layer in enumerate(decoder.layers):
+        normed = layer.input_layernorm(hidden)
+        heads = []
+        for b in range(batch):
+            tokens = normed[b] if real_tokens is None else normed[b, real_tokens[b]]
+            head = retrieve(model, state, i, tokens, count).to(hidden.dtype)
+            if num_bos:
+                head = torch.cat([model.bos_embedding[i].to(hidden.dtype), head])
+            heads.append(head)
+        keys, values = prefix_keys_values(layer, torch.stack(heads), head_rope)
+        stm_keys, stm_values = stm.keys_values[i]
+        keys = torch.cat([keys, stm_keys.expand(batch, -1, -1, -1)], dim=2)
+        values = torch.cat([values, stm_values.expand(batch, -1, -1, -1)], dim=2)
+        cache.update(keys, values, i)
+        if mask is None:  # every layer's prefix has the same length: one mask serves all
+            mask = create_causal_mask(
+                config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                cache=cache, position_ids=position_ids,
+            )  # fmt: skip
+            # the mask was sized for the prompt on top of the prefix now in layer 0's cache
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=prompt_rope, cache=cache)
+    hidden = decoder.norm(hidden)
+    kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    logits = model.backbone.lm_head(kept)
+    loss = None
+    if labels is not None:
+        loss = model.backbone.loss_function(logits=logits, labels=labels, vocab_size=model.backbone.config.vocab_size)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache is not False else None)

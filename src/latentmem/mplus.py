@@ -1,0 +1,138 @@
+"""M+: MemoryLLM whose evicted slots move to a long-term memory, recalled by a co-trained retriever.
+
+Everything MemoryLLM does stays as it is (writing, short-term pool, decay); M+ adds:
+- a retriever per layer (`ltm/retriever.py`) that keys slots and queries prompts in h dimensions;
+- the eviction path: slots a write drops from short-term memory are keyed and appended to the
+  state's `LongTermStore` (age 0, recall frequency `initial_rf_when_moving_stm_to_ltm`); every
+  write ages long-term slots by K; every `update_ltm_frequency` writes frequencies decay and
+  forgotten slots are pruned;
+- reading: per layer, the top R long-term slots for the prompt, oldest first, go between bos and
+  short-term memory (`ltm/recall.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import MPlusConfig
+from .ltm.recall import prefill_with_retrieval
+from .ltm.retriever import LayerRetriever
+from .modeling import MemoryLLM
+from .pool import Evicted
+from .state import EXTERNAL, MemoryState
+
+
+class MPlus(MemoryLLM):
+    config_class = MPlusConfig
+
+    def __init__(self, config: MPlusConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config, backbone)
+        b = self.backbone.config
+        self.retrievers = nn.ModuleList(
+            LayerRetriever(b.hidden_size, config.selector_hidden_dim, config.num_selector_layers)
+            for _ in range(b.num_hidden_layers)
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return super().fingerprint + f"-ltm{self.config.selector_hidden_dim}"
+
+    def new_memory(self, seed: int = 0) -> MemoryState:
+        """An empty memory with an empty long-term store."""
+        from .ltm.store import LongTermStore
+
+        state = super().new_memory(seed)
+        cfg, b = self.config, self.backbone.config
+        state.ltm = LongTermStore(
+            b.num_hidden_layers, b.hidden_size, cfg.selector_hidden_dim,
+            dtype=self.dtype if self.dtype != torch.float32 else torch.float32,
+            index=cfg.ltm_index, max_slots=cfg.ltm_max_slots, min_slots=cfg.retrieved_slots,
+        )  # fmt: skip
+        return state
+
+    # --- writing: the eviction path -------------------------------------------------------
+    def protected_slots(self, memory: MemoryState) -> torch.Tensor | None:
+        """Pinned injections' short-term slots, up to `protect_pinned_fraction` of the pool (opt-in)."""
+        budget = int(self.config.protect_pinned_fraction * memory.num_slots)
+        pinned = [i.id for i in memory.injections.values() if i.importance == float("inf")]
+        if budget == 0 or not pinned:
+            return None
+        protected = torch.isin(memory.sources, torch.tensor(pinned))
+        # Over budget: protect the newest pinned slots (the pool keeps newer slots to the right).
+        excess = protected.cumsum(dim=1) > protected.sum(dim=1, keepdim=True) - budget
+        return protected & ~excess if protected.sum(dim=1).max() > budget else protected
+
+    @torch.no_grad()
+    def after_write(self, memory: MemoryState, evicted: Evicted | None) -> None:
+        cfg, ltm = self.config, memory.ltm
+        ltm.advance_ages(cfg.num_tokens)
+        if evicted is not None:
+            importance = self._importance(memory, evicted.sources)
+            for i, layer in enumerate(self.decoder.layers):
+                slots = evicted.slots[i].to(self.dtype)
+                keys = self.retrievers[i].keys(layer.input_layernorm(slots))
+                ltm.add(
+                    i, slots, keys, evicted.sources[i],
+                    frequency=cfg.initial_rf_when_moving_stm_to_ltm, importance=importance[i],
+                )  # fmt: skip
+        if memory.write_count % cfg.update_ltm_frequency == 0:
+            ltm.decay(cfg.decay_frequency)
+
+    @staticmethod
+    def _importance(memory: MemoryState, sources: torch.Tensor) -> torch.Tensor:
+        by_id = {i.id: i.importance for i in memory.injections.values()}
+        flat = [by_id.get(int(s), 1.0) if s != EXTERNAL else 1.0 for s in sources.view(-1)]
+        return torch.tensor(flat, dtype=torch.float32).view(sources.shape)
+
+    def forget(self, memory: MemoryState, *, source: str | None = None, injection_ids=None) -> int:
+        """Remove an injection's slots from short-term and long-term memory."""
+        ids = memory.injections_from(source) if source is not None else list(injection_ids or [])
+        removed = super().forget(memory, source=source, injection_ids=injection_ids)
+        return removed + memory.ltm.remove_sources(ids)
+
+    # --- reading --------------------------------------------------------------------------
+    def retrieval_count(self, memory: MemoryState) -> int:
+        """R: long-term slots each layer retrieves (equal across layers, so one mask fits all)."""
+        ltm = memory.ltm
+        smallest = min(ltm.size(i) for i in range(memory.num_layers))
+        return min(self.config.retrieved_slots, smallest)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        memory: MemoryState | torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """As `MemoryLLM.forward`; a state with long-term slots also reads what the prompt retrieves."""
+        cache = cache if cache is not None else past_key_values
+        count = self.retrieval_count(memory) if isinstance(memory, MemoryState) and memory.initialized else 0
+        if count == 0:
+            return super().forward(
+                input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, logits_to_keep,
+                memory, **kwargs,
+            )  # fmt: skip
+        self.check_state(memory)
+        self.adapters.activate("read")
+        if input_ids is None:
+            raise ValueError("M+ retrieval needs input_ids (not inputs_embeds)")
+        if cache is None or cache.get_seq_length() == 0:
+            return prefill_with_retrieval(
+                self, memory, input_ids, attention_mask, position_ids, count, labels, logits_to_keep, use_cache
+            )
+        # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
+        prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
+        return self.read_after_prefix(
+            prefix_length, cache, input_ids, attention_mask, position_ids, use_cache,
+            labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=None, **kwargs,
+        )  # fmt: skip
