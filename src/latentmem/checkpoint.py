@@ -113,7 +113,7 @@ def native_config_to_official(config: MemoryLLMConfig) -> dict:
         model_type=config.backbone_config.model_type,
         num_tokens=config.num_tokens,
         num_blocks=config.num_blocks,
-        num_memory_tokens=config.memory_size,
+        num_memory_tokens=config.num_blocks * config.num_tokens,
         add_bos_embedding=config.add_bos_embedding,
         drop_memory_per_layer=config.drop_memory_per_layer,
         add_decoder_lora=config.add_decoder_lora,

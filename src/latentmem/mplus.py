@@ -53,6 +53,16 @@ class MPlus(MemoryLLM):
         )  # fmt: skip
         return state
 
+    def initial_memory(self, seed: int = 0) -> MemoryState:
+        """A fresh state holding the short- and long-term memory the checkpoint shipped."""
+        state = super().initial_memory(seed)
+        shipped = self.checkpoint_memory.ltm if self.checkpoint_memory is not None else None
+        for i in range(state.num_layers if shipped is not None else 0):
+            rows = shipped.get(i, torch.arange(shipped.size(i)))
+            state.ltm.add(i, rows["slots"], rows["keys"], rows["sources"], frequency=0.0, importance=rows["importance"])
+            state.ltm.set_layer_stats(i, ages=rows["ages"], frequencies=rows["frequencies"])
+        return state
+
     # --- writing: the eviction path -------------------------------------------------------
     def protected_slots(self, memory: MemoryState) -> torch.Tensor | None:
         """Pinned injections' short-term slots, up to `protect_pinned_fraction` of the pool (opt-in)."""

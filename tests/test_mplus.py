@@ -1,0 +1,193 @@
+"""M+ (SPEC §5): eviction into long-term memory, retrieval per layer, decay, pins, persistence, layout."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentmem import MemoryState
+from latentmem.config import MPlusConfig
+from latentmem.mplus import MPlus
+
+from conftest import LORA, backbone_config, random_ids, randomize_lora
+from reference import layer_forward, rms_norm
+
+K = 8
+
+
+def make_mplus(seed=0, **overrides) -> MPlus:
+    torch.manual_seed(seed)
+    fields = dict(num_tokens=K, num_blocks=6, num_ltm_blocks=2, selector_hidden_dim=16, update_ltm_frequency=3)
+    config = MPlusConfig(backbone_config=backbone_config(), lora=LORA, **{**fields, **overrides})
+    model = MPlus(config).eval()
+    randomize_lora(model, seed)
+    return model
+
+
+def filled(model, writes, seed=0, **inject_kwargs):
+    state = model.new_memory(seed=seed)
+    for i in range(writes):
+        model.inject(state, input_ids=random_ids(20, seed=100 + i), source=f"doc{i}", **inject_kwargs)
+    return state
+
+
+def reference_mplus_logits(model, state, ids):
+    """Logits with per-layer retrieval, recomputed from raw weights (see tests/reference.py)."""
+    cfg = model.backbone.config
+    h = F.embedding(ids.view(1, -1), model.backbone.model.embed_tokens.weight)
+    count = min(model.config.retrieved_slots, min(state.ltm.size(i) for i in range(cfg.num_hidden_layers)))
+    for i, layer in enumerate(model.backbone.model.layers):
+        everything = state.ltm.get(i, torch.arange(state.ltm.size(i)))
+        keys, ages = torch.as_tensor(everything["keys"]).float(), torch.as_tensor(everything["ages"])
+        queries = model.retrievers[i].query_proj(rms_norm(layer.input_layernorm, h)[0])
+        scores = torch.sigmoid(queries @ keys.T).mean(0)
+        top = scores.topk(count).indices
+        top = top[torch.argsort(ages[top], descending=True, stable=True)]
+        retrieved = torch.as_tensor(everything["slots"]).float()[top]
+        z = torch.cat([model.bos_embedding[i], retrieved, state.stm[i], h[0]])[None]
+        h = layer_forward(layer, z, z.shape[1] - h.shape[1], cfg, "decoder_adapter")
+    h = rms_norm(model.backbone.model.norm, h)
+    return F.linear(h, model.backbone.lm_head.weight)
+
+
+def test_stm_is_the_blocks_not_reserved_for_retrieval():
+    model = make_mplus()
+    assert model.config.memory_size == (6 - 2) * K and model.config.retrieved_slots == 2 * K
+    assert model.new_memory().shape == (3, 32, 64)
+
+
+def test_eviction_moves_exactly_the_dropped_slots_with_their_keys():
+    model = make_mplus()
+    state = model.new_memory()
+    state.stm = torch.randn(state.shape)  # distinct slots (a first write would tile duplicates)
+    before, sources_before = state.stm.clone(), state.sources.clone()
+    model.inject(state, input_ids=random_ids(20, seed=7))
+    for i, layer in enumerate(model.backbone.model.layers):
+        stored = state.ltm.get(i, torch.arange(state.ltm.size(i)))
+        assert state.ltm.size(i) == K
+        slots = torch.as_tensor(stored["slots"]).float()
+        for row in slots:  # each evicted slot was in the old pool and is gone from the new one
+            assert (before[i] == row).all(-1).any() and not (state.stm[i, :-K] == row).all(-1).any()
+        with torch.no_grad():
+            want = model.retrievers[i].key_proj(layer.input_layernorm(slots))
+        torch.testing.assert_close(torch.as_tensor(stored["keys"]).float(), want, atol=1e-5, rtol=0)
+        assert set(torch.as_tensor(stored["sources"]).tolist()) <= set(sources_before[i].tolist())
+        assert (torch.as_tensor(stored["frequencies"]) == 10.0).all()
+
+
+def test_ages_advance_by_k_per_write_and_frequencies_decay_on_schedule():
+    model = make_mplus(update_ltm_frequency=3)
+    state = filled(model, 2)  # write 2 evicts K slots (age 0 after the write's aging)
+    assert torch.as_tensor(state.ltm.get(0, torch.arange(K))["ages"]).tolist() == [0] * K
+    model.inject(state, input_ids=random_ids(20, seed=9))  # write 3: ages + K, decay by 1
+    first = state.ltm.get(0, torch.arange(K))
+    assert torch.as_tensor(first["ages"]).tolist() == [K] * K
+    assert torch.as_tensor(first["frequencies"]).tolist() == [9.0] * K
+
+
+def test_reading_retrieves_per_layer_like_the_reference():
+    model = make_mplus()
+    state = filled(model, 5)  # 4 evictions: 32 long-term slots per layer, 16 retrieved
+    assert state.ltm.size(0) == 4 * K
+    ids = random_ids(6, seed=3)
+    with torch.no_grad():
+        want = reference_mplus_logits(model, state, ids)
+        got = model(ids, memory=state).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_fewer_long_term_slots_than_the_budget_are_all_used_once():
+    model = make_mplus()
+    state = filled(model, 2)  # K long-term slots < 2K retrievable
+    assert model.retrieval_count(state) == K
+    ids = random_ids(6, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, memory=state).logits, reference_mplus_logits(model, state, ids), atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_keeps_the_prompts_retrieval():
+    model = make_mplus(promote_on_retrieval=0.0)
+    state = filled(model, 5)
+    ids = random_ids(6, seed=3)
+    out = model.generate(ids, memory=state, max_new_tokens=5, do_sample=False)
+    # step by step, with the retrieval of the prompt alone: the cache continues from the prefill
+    with torch.no_grad():
+        first = model(ids, memory=state, use_cache=True)
+        assert out[0, 6].item() == first.logits[0, -1].argmax().item()
+        step = model(out[:, 6:7], memory=state, cache=first.cache)
+        assert out[0, 7].item() == step.logits[0, -1].argmax().item()
+
+
+def test_retrieval_promotes_the_retrieved_slots():
+    model = make_mplus(promote_on_retrieval=2.0)
+    state = filled(model, 5)
+    before = torch.as_tensor(state.ltm.get(0, torch.arange(state.ltm.size(0)))["frequencies"]).clone()
+    with torch.no_grad():
+        model(random_ids(6, seed=3), memory=state)
+    after = torch.as_tensor(state.ltm.get(0, torch.arange(state.ltm.size(0)))["frequencies"])
+    raised = (after - before)
+    assert (raised == 2.0).sum() == model.retrieval_count(state) and ((raised == 0) | (raised == 2.0)).all()
+
+
+def test_pinned_injections_give_their_long_term_slots_infinite_importance():
+    model = make_mplus()
+    state = model.new_memory()
+    model.inject(state, input_ids=random_ids(20, seed=1), source="vital", pin=True)
+    for i in range(3):
+        model.inject(state, input_ids=random_ids(20, seed=2 + i))
+    stored = state.ltm.get(0, torch.arange(state.ltm.size(0)))
+    vital = torch.as_tensor(stored["sources"]) == 0
+    assert vital.any() and torch.isinf(torch.as_tensor(stored["importance"])[vital]).all()
+
+
+def test_pinned_slots_can_be_spared_by_short_term_drops():
+    model = make_mplus(protect_pinned_fraction=0.5)
+    state = model.new_memory(seed=1)
+    model.inject(state, input_ids=random_ids(20, seed=0))
+    model.inject(state, input_ids=random_ids(20, seed=1), source="vital", pin=True)
+    for i in range(6):
+        model.inject(state, input_ids=random_ids(20, seed=2 + i))
+    assert (state.sources == 1).sum(dim=1).tolist() == [K, K, K]  # never dropped
+
+
+def test_forget_removes_short_and_long_term_slots():
+    model = make_mplus()
+    state = filled(model, 6)
+    assert any((torch.as_tensor(state.ltm.get(0, torch.arange(state.ltm.size(0)))["sources"]) == 1).tolist())
+    model.forget(state, source="doc1")
+    assert 1 not in state.surviving_slots()
+    for i in range(3):
+        assert 1 not in torch.as_tensor(state.ltm.get(i, torch.arange(state.ltm.size(i)))["sources"]).tolist()
+
+
+def test_state_with_long_term_memory_round_trips(tmp_path):
+    model = make_mplus()
+    state = filled(model, 5)
+    state.save(tmp_path / "m.safetensors")
+    loaded = MemoryState.load(tmp_path / "m.safetensors", model)
+    assert loaded.ltm.size(1) == state.ltm.size(1)
+    ids = random_ids(6, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, memory=loaded).logits, model(ids, memory=state).logits, atol=1e-5, rtol=0)
+    state.save(tmp_path / "m.safetensors")  # a second save replaces the long-term generation
+    assert len(list(tmp_path.glob("m.safetensors.ltm-*"))) == 1
+
+
+def test_official_mplus_layout_loads_and_saves_back(tmp_path):
+    model = make_mplus()
+    state = filled(model, 5)
+    model.save_pretrained(tmp_path / "official", layout="official", memory=state)
+    config = json.loads((tmp_path / "official" / "config.json").read_text())
+    assert config["architectures"] == ["MPlus"] and config["num_ltm_blocks"] == 2
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "official" / "model.safetensors")
+    assert "model.layers.0.self_attn.query_proj.0.weight" in tensors and "ltm_keys.2" in tensors
+    assert tensors["ltm.0"].shape == (state.ltm.size(0), 64) and "initialized" not in tensors
+    again = MPlus.from_pretrained(tmp_path / "official")
+    memory = again.initial_memory()
+    assert memory.ltm.size(0) == state.ltm.size(0)
+    ids = random_ids(6, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, memory=memory).logits, model(ids, memory=state).logits, atol=1e-4, rtol=0)
