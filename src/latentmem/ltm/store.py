@@ -1,0 +1,324 @@
+"""LongTermStore: M+ long-term memory (SPEC §5), off the accelerator, scaling past RAM.
+
+One store per MemoryState; one independent memory per layer. Slots evicted from short-term
+memory arrive with their retrieval keys (`add`); every write ages them (`advance_ages`); every few
+writes their recall frequency decays and forgotten slots are deleted (`decay`); a prompt retrieves
+the best slots per layer (`search`, then `get`), and retrieved slots can be promoted so they live
+longer (`promote`). Positions (the indices this API takes and returns) are insertion order, oldest
+first; they stay valid until the next call that deletes slots (add with a budget, decay,
+remove_sources).
+
+A slot's value is recall frequency x importance. Importance +inf pins a slot: pinned slots are
+never deleted by `decay` and are evicted by the `max_slots` budget only when nothing else is left
+to evict. Among equal values the oldest slot goes first (first-in-first-out, like the release).
+
+Storage (see table.py): numpy arrays per layer; slots in the store dtype (bfloat16 kept as its
+uint16 bits), keys float32 (the index and rescoring need float32; half precision would make
+retrieval disagree with the model's own scores), ages as birth times on a write clock (int64),
+frequencies and importance float32, sources int64. `save` writes a folder atomically and `open`
+memory-maps it (see files.py). Not thread-safe: one writer at a time, like a MemoryState.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .index import INDEX_KINDS, SearchSettings, exact_scores, mean_sigmoid_scores
+from .layer import LayerMemory
+
+# Slot dtypes and how they are kept in numpy (which has no bfloat16: its bits go in a uint16).
+SLOT_DTYPES = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32}
+
+
+class LongTermStore:
+    """Per-layer long-term memory: slots `[M_l, d]` with keys `[M_l, h]`, ages, recall frequencies,
+    provenance (injection ids) and importance. `search_settings` tunes the approximate indexes."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        key_dim: int,
+        *,
+        dtype: torch.dtype = torch.float16,
+        index: str = "exact",
+        max_slots: int | None = None,
+        min_slots: int = 0,
+    ):
+        for name, value in (("num_layers", num_layers), ("hidden_size", hidden_size), ("key_dim", key_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in SLOT_DTYPES:
+            raise ValueError(f"dtype {dtype} is not supported for slots; use one of {list(SLOT_DTYPES)}")
+        if index not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {index!r}; choose one of {', '.join(INDEX_KINDS)}")
+        if not isinstance(min_slots, int) or min_slots < 0:
+            raise ValueError(f"min_slots must be an int >= 0, got {min_slots!r}")
+        if max_slots is not None and (not isinstance(max_slots, int) or max_slots < max(1, min_slots)):
+            raise ValueError(f"max_slots must be None or an int >= max(1, min_slots={min_slots}), got {max_slots!r}")
+        self.num_layers, self.hidden_size, self.key_dim = num_layers, hidden_size, key_dim
+        self.dtype, self.index_kind = dtype, index
+        self.max_slots, self.min_slots = max_slots, min_slots
+        self.clock = 0  # total age advance so far; a slot's age is clock - its birth
+        self.search_settings = SearchSettings()
+        self._layers = [LayerMemory(hidden_size, key_dim, SLOT_DTYPES[dtype], index) for _ in range(num_layers)]
+
+    # --- introspection ----------------------------------------------------------------------
+    def size(self, layer: int) -> int:
+        return self._layer(layer).size
+
+    def __repr__(self) -> str:
+        sizes = [m.size for m in self._layers]
+        return (
+            f"LongTermStore(layers={self.num_layers}, hidden={self.hidden_size}, key_dim={self.key_dim}, "
+            f"dtype={self.dtype}, index={self.index_kind!r}, slots per layer {min(sizes)}..{max(sizes)}, "
+            f"max_slots={self.max_slots}, min_slots={self.min_slots})"
+        )
+
+    # --- writes -----------------------------------------------------------------------------
+    def add(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        keys: torch.Tensor,
+        sources: torch.Tensor,
+        *,
+        frequency: float = 10.0,
+        importance: torch.Tensor | float = 1.0,
+    ) -> None:
+        """Append k slots `[k, d]` with their keys `[k, h]` and injection ids `[k]`, age 0, recall
+        `frequency`; then evict the lowest-value slots while the layer exceeds `max_slots`."""
+        memory = self._layer(layer)
+        k = self._check_rows("slots", slots, self.hidden_size)
+        self._check_rows("keys", keys, self.key_dim, k)
+        if not isinstance(sources, torch.Tensor) or sources.shape != (k,) or sources.is_floating_point():
+            raise ValueError(f"sources must be an integer tensor of shape [{k}] (one injection id per slot)")
+        if not math.isfinite(frequency):
+            raise ValueError(f"frequency must be finite, got {frequency}")
+        importance = self._importance(importance, k)
+        keys = keys.detach().to("cpu", torch.float32)
+        if not torch.isfinite(keys).all():
+            raise ValueError("keys contain NaN or inf; they would poison every search of this layer")
+        if k == 0:
+            return
+        stored = slots.detach().to("cpu", self.dtype)
+        if torch.isinf(stored).any() and not torch.isinf(slots).any():
+            raise ValueError(
+                f"slots overflow {self.dtype} (values up to {slots.abs().max().item():.3g}); "
+                "create the store with dtype=torch.bfloat16 or torch.float32"
+            )
+        memory.append(
+            self._to_numpy(stored),
+            keys.numpy(),
+            {
+                "births": np.full(k, self.clock, np.int64),
+                "frequencies": np.full(k, frequency, np.float32),
+                "sources": sources.detach().cpu().numpy().astype(np.int64),
+                "importance": importance,
+            },
+        )
+        if self.max_slots is not None and memory.size > self.max_slots:
+            order = np.argsort(self._values(memory), kind="stable")  # lowest value, then oldest, first
+            keep = np.ones(memory.size, bool)
+            keep[order[: memory.size - self.max_slots]] = False
+            memory.keep(keep)
+
+    def advance_ages(self, amount: int) -> None:
+        """Age every slot of every layer by `amount` (M+ calls this with K on every write)."""
+        if isinstance(amount, bool) or not isinstance(amount, numbers.Integral) or amount < 0:
+            raise ValueError(f"amount must be an int >= 0, got {amount!r}")
+        self.clock += int(amount)
+
+    def decay(self, amount: float, threshold: float = 0.01) -> int:
+        """Lower every recall frequency by `amount`, then delete slots whose frequency is <= threshold,
+        except pinned slots and except as many of the highest-value ones as keep `min_slots` per
+        layer. Returns the number deleted (all layers)."""
+        if not math.isfinite(amount) or not math.isfinite(threshold):
+            raise ValueError(f"amount and threshold must be finite, got {amount} and {threshold}")
+        deleted = 0
+        for memory in self._layers:
+            if memory.size == 0:
+                continue
+            frequencies = memory.records["frequencies"].mutable()
+            frequencies -= np.float32(amount)
+            values = self._values(memory)
+            doomed = np.flatnonzero((frequencies <= threshold) & (values != np.inf))
+            allowed = max(0, memory.size - self.min_slots)
+            if len(doomed) > allowed:  # spare the highest-value ones (ties: the newest)
+                doomed = doomed[np.argsort(values[doomed], kind="stable")[:allowed]]
+            keep = np.ones(memory.size, bool)
+            keep[doomed] = False
+            deleted += memory.keep(keep)
+        return deleted
+
+    def promote(self, layer: int, indices, amount: float = 1.0) -> None:
+        """Raise the recall frequency of the slots at `indices` by `amount` (once per occurrence),
+        so that retrieved slots outlive unused ones."""
+        memory = self._layer(layer)
+        positions = self._positions(memory, indices)
+        np.add.at(memory.records["frequencies"].mutable(), positions, np.float32(amount))
+
+    def remove_sources(self, source_ids) -> int:
+        """Delete every slot, in every layer, written by these injection ids (targeted forgetting;
+        `min_slots` does not apply: the caller asked for these to go). Returns how many."""
+        if isinstance(source_ids, (set, frozenset, range)) or not hasattr(source_ids, "__len__"):
+            source_ids = list(source_ids) if not isinstance(source_ids, int) else [source_ids]
+        ids = np.asarray(torch.as_tensor(source_ids, dtype=torch.long).reshape(-1))
+        return sum(m.keep(~np.isin(m.record("sources"), ids)) for m in self._layers)
+
+    def set_layer_stats(self, layer: int, *, ages=None, frequencies=None) -> None:
+        """Overwrite every slot's age and/or recall frequency in a layer (`[size]` each), e.g. when
+        loading an official M+ checkpoint, which stores them per slot."""
+        memory = self._layer(layer)
+        for name, values in (("ages", ages), ("frequencies", frequencies)):
+            if values is None:
+                continue
+            values = torch.as_tensor(values).detach().cpu().reshape(-1)
+            if len(values) != memory.size:
+                raise ValueError(f"{name} has {len(values)} values, layer {layer} holds {memory.size} slots")
+            if name == "ages":
+                if values.is_floating_point() or (values < 0).any():
+                    raise ValueError("ages must be integers >= 0 (writes survived, counted in tokens)")
+                memory.records["births"].mutable()[:] = self.clock - values.numpy().astype(np.int64)
+            else:
+                if not torch.isfinite(values).all():
+                    raise ValueError("frequencies must be finite")
+                memory.records["frequencies"].mutable()[:] = values.numpy().astype(np.float32)
+
+    # --- reads ------------------------------------------------------------------------------
+    def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top min(k, size) slots for queries `[q, h]` by mean_q sigmoid(q . key): (positions `[k']`,
+        scores `[k']`), best first, no duplicates. Scores are exact for every index kind."""
+        memory = self._layer(layer)
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.key_dim:
+            shape = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise ValueError(f"queries must be a tensor [q, {self.key_dim}] (one row per prompt token), got {shape}")
+        if len(queries) == 0:
+            raise ValueError("queries has no rows; pass at least one prompt token's query")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        k = min(int(k), memory.size)
+        queries = queries.detach().to("cpu", torch.float32)
+        if k == 0:
+            return torch.empty(0, dtype=torch.long), torch.empty(0)
+        queries_t = queries.T.contiguous()
+        positions = self._candidates(memory, queries, k)
+        if positions is None:  # exact: score everything
+            scores = exact_scores(memory, queries_t)
+            top = torch.topk(scores, k)
+            return top.indices, top.values
+        scores = mean_sigmoid_scores(memory.gather_keys(positions), queries_t)
+        top = torch.topk(scores, k)
+        return torch.from_numpy(positions)[top.indices], top.values
+
+    def _candidates(self, memory: LayerMemory, queries: torch.Tensor, k: int) -> np.ndarray | None:
+        """Sorted unique positions proposed by the approximate index, or None to search exactly."""
+        settings, index = self.search_settings, memory.index
+        count = k * settings.candidate_factor
+        if index is None or count >= memory.size or not index.sync(memory, settings):
+            return None
+        ids = index.candidate_ids(queries.mean(0, keepdim=True).numpy(), index.over_fetch(memory, count), settings)
+        if settings.row_hits:
+            ids = np.concatenate([ids, index.candidate_ids(queries.numpy(), settings.row_hits, settings)])
+        ids = np.unique(ids[ids >= 0])  # FAISS pads with -1 when it finds fewer than asked
+        live = memory.ids
+        positions = np.searchsorted(live, ids)  # sorted keys: numpy's binary search reuses its last answer
+        found = positions < memory.size
+        positions, ids = positions[found], ids[found]
+        positions = positions[live[positions] == ids]  # drops tombstones; sorted and unique like ids
+        if len(positions) < k:  # the index came up short (e.g. a tiny nprobe): be exact instead
+            return None
+        return positions
+
+    def get(self, layer: int, indices) -> dict[str, torch.Tensor]:
+        """Slots at `indices` (positions, in the given order): 'slots' [k, d] in the store dtype,
+        'keys' [k, h] float32, 'ages', 'frequencies', 'sources', 'importance' [k]."""
+        memory = self._layer(layer)
+        positions = self._positions(memory, indices)
+        slots = torch.from_numpy(memory.slots_at(positions))
+        if self.dtype == torch.bfloat16:
+            slots = slots.view(torch.int16).view(torch.bfloat16)  # uint16 bits -> bfloat16
+        return {
+            "slots": slots,
+            "keys": torch.from_numpy(memory.gather_keys(positions)),
+            "ages": torch.from_numpy(self.clock - memory.record("births")[positions]),
+            "frequencies": torch.from_numpy(np.array(memory.record("frequencies")[positions])),
+            "sources": torch.from_numpy(np.array(memory.record("sources")[positions])),
+            "importance": torch.from_numpy(np.array(memory.record("importance")[positions])),
+        }
+
+    # --- persistence (see files.py) ---------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the store to the folder `path`, atomically: a crash mid-save leaves the previous
+        store loadable. Afterwards the store reads its slots from the saved files (RAM is freed)."""
+        from .files import save_store
+
+        save_store(self, Path(path))
+
+    @classmethod
+    def open(cls, path: str | Path, *, mmap: bool = True) -> LongTermStore:
+        """Open a store saved with `save`. With mmap (default) nothing big is read: slots, keys and
+        records are memory-mapped read-only, and the index file is read at the first search."""
+        from .files import open_store
+
+        return open_store(cls, Path(path), mmap=mmap)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _layer(self, layer: int) -> LayerMemory:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range: this store has layers 0..{self.num_layers - 1}")
+        return self._layers[layer]
+
+    @staticmethod
+    def _check_rows(name: str, tensor: torch.Tensor, width: int, rows: int | None = None) -> int:
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or tensor.shape[1] != width:
+            shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be a tensor [k, {width}], got {shape}")
+        if rows is not None and tensor.shape[0] != rows:
+            raise ValueError(f"{name} has {tensor.shape[0]} rows but slots has {rows}; pass one per slot")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {tensor.dtype}")
+        return tensor.shape[0]
+
+    @staticmethod
+    def _importance(importance, k: int) -> np.ndarray:
+        values = torch.as_tensor(importance, dtype=torch.float32).detach().cpu()
+        if values.ndim == 0:
+            values = values.expand(k)
+        if values.shape != (k,):
+            raise ValueError(f"importance must be a float or a tensor [{k}], got shape {list(values.shape)}")
+        if torch.isnan(values).any() or (values < 0).any():
+            raise ValueError("importance must be >= 0 (float('inf') pins a slot), got NaN or a negative value")
+        return values.numpy().copy()
+
+    @staticmethod
+    def _values(memory: LayerMemory) -> np.ndarray:
+        """Recall frequency x importance; +inf for pinned slots, whatever their frequency (inf x 0
+        would be NaN, inf x a negative frequency -inf)."""
+        importance = memory.record("importance")
+        with np.errstate(invalid="ignore", over="ignore"):
+            values = memory.record("frequencies") * importance
+        return np.where(importance == np.inf, np.inf, values)
+
+    @staticmethod
+    def _positions(memory: LayerMemory, indices) -> np.ndarray:
+        positions = np.asarray(torch.as_tensor(indices).reshape(-1).cpu())
+        if positions.size and not np.issubdtype(positions.dtype, np.integer):
+            raise ValueError(f"indices must be integers (positions from search), got {positions.dtype}")
+        positions = positions.astype(np.int64)
+        bad = positions[(positions < 0) | (positions >= memory.size)]
+        if len(bad):
+            raise IndexError(f"indices {bad[:5].tolist()} out of range for a layer holding {memory.size} slots")
+        return positions
+
+    def _to_numpy(self, slots: torch.Tensor) -> np.ndarray:
+        if self.dtype == torch.bfloat16:
+            return slots.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return slots.contiguous().numpy()
