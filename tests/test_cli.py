@@ -1,19 +1,46 @@
-"""The command line, through Typer's test runner."""
+"""The command line, through Typer's test runner, on a tiny random model saved to a folder."""
 
 import json
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
+from latentmem import MemoryState
 from latentmem.cli import app
 from latentmem.demo import run_demo, tiny_model
+from latentmem.models import untrained_model
 
 runner = CliRunner()
+FACT = "My locker code is 4711 and the spare key is under the third blue stone."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model, tokenizer = untrained_model(hidden_size=64, num_layers=2, num_tokens=8, num_blocks=4)
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def invoke(*args, input=None):
+    result = runner.invoke(app, [str(a) for a in args], input=input)
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def test_demo_runs_and_reports_decay_and_a_faithful_reload():
-    result = runner.invoke(app, ["demo", "--distractors", "5"])
-    assert result.exit_code == 0, result.output
-    assert "after   5 distractors" in result.output and "identical = True" in result.output
+    output = invoke("demo", "--distractors", "5")
+    assert "after   5 distractors" in output and "identical = True" in output
 
 
 def test_demo_story_decays_as_expected():
@@ -23,12 +50,133 @@ def test_demo_story_decays_as_expected():
     assert memory.write_count == 12 and 0 < memory.surviving_slots().get(story_id, 0) < 32 * 4
 
 
-def test_memory_info_prints_the_manifest(tmp_path):
+def test_memory_info_prints_the_manifest_and_sources(tmp_path):
     model = tiny_model()
     memory = model.new_memory(seed=4)
     model.inject(memory, input_ids=list(b"a context that is long enough to be written"), source="note")
     memory.save(tmp_path / "m.safetensors")
-    result = runner.invoke(app, ["memory", "info", str(tmp_path / "m.safetensors")])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads(result.output)
+    manifest = json.loads(invoke("memory", "info", tmp_path / "m.safetensors", "--json"))
     assert manifest["write_count"] == 1 and manifest["seed"] == 4 and manifest["injections"][0]["source"] == "note"
+    assert manifest["sources"][0]["surviving_slots"] == 4 * 512  # the first write fills every layer's pool
+    table = invoke("memory", "info", tmp_path / "m.safetensors")
+    assert "note" in table and "512.0" in table  # slots per layer
+
+
+def test_inject_a_file_and_stdin_then_info_lists_both_sources(tmp_path, model_dir):
+    (tmp_path / "notes.txt").write_text(FACT)
+    memory = tmp_path / "m.safetensors"
+    assert "from 'notes.txt'" in invoke("inject", tmp_path / "notes.txt", "--memory", memory, "--model", model_dir)
+    invoke("inject", "-", "--memory", memory, "--model", model_dir, "--source", "piped", input=FACT * 20)
+    state = MemoryState.load(memory)
+    assert [i.source for i in state.injections.values()] == [
+        "notes.txt",
+        "piped",
+        "piped",
+        "piped",
+    ]  # 1420 bytes: 3 chunks
+    output = invoke("memory", "info", memory)
+    assert "notes.txt" in output and "piped" in output
+
+
+def test_inject_refuses_a_too_short_text_without_touching_the_memory_file(tmp_path, model_dir):
+    result = runner.invoke(app, ["inject", "-", "--memory", str(tmp_path / "m.safetensors"), "--model", model_dir],
+                           input="too short")  # fmt: skip
+    assert result.exit_code == 1 and "allow_short" in result.output and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_chat_restarted_with_its_memory_file_has_the_earlier_facts(tmp_path, model_dir):
+    memory = tmp_path / "me.safetensors"
+    invoke("chat", "--model", model_dir, "--memory", memory, "--max-new-tokens", "4", input=f"{FACT}\n/exit\n")
+    (record,) = MemoryState.load(memory).injections.values()
+    assert record.source.startswith("chat:") and record.tokens > len(FACT)
+
+    output = invoke("chat", "--model", model_dir, "--memory", memory, input="/memory\n/forget nope\n/exit\n")
+    assert "1 injections" in output and record.source in output and "no injections from source 'nope'" in output
+    assert len(MemoryState.load(memory).injections) == 1  # nothing new said: nothing new written
+
+
+def test_chat_remember_and_forget_commands(tmp_path, model_dir):
+    memory = tmp_path / "me.safetensors"
+    commands = f"/remember {FACT}\n/remember The archive opens at nine.\n/forget fact-source\n/exit\n"
+    output = invoke("chat", "--model", model_dir, "--memory", memory, "--source", "fact-source", input=commands)
+    assert "removed 64 slots" in output  # both writes were fact-source: all 2 layers x 32 slots
+    assert MemoryState.load(memory).surviving_slots() == {}
+
+
+def test_ask_answers_from_a_memory_file(tmp_path, model_dir):
+    memory = tmp_path / "m.safetensors"
+    invoke("inject", "-", "--memory", memory, "--model", model_dir, input=FACT)
+    assert invoke("ask", "What is my locker code?", "--memory", memory, "--model", model_dir, "--max-new-tokens", "3")
+    missing = runner.invoke(app, ["ask", "hi", "--memory", str(tmp_path / "none"), "--model", model_dir])
+    assert missing.exit_code == 1 and "no memory file" in missing.output
+
+
+def test_memory_forget_and_reset(tmp_path, model_dir):
+    memory = tmp_path / "m.safetensors"
+    invoke("inject", "-", "--memory", memory, "--model", model_dir, "--source", "a", input=FACT)
+    invoke("inject", "-", "--memory", memory, "--model", model_dir, "--source", "b", input=FACT)
+    assert "written by 'a'" in invoke("memory", "forget", memory, "--source", "a", "--model", model_dir)
+    assert set(MemoryState.load(memory).surviving_slots()) == {1}
+    invoke("memory", "reset", memory, "--model", model_dir, "--yes")
+    reset = MemoryState.load(memory)
+    assert reset.injections == {} and not reset.initialized
+
+
+def test_memory_export_to_the_official_layout_and_import_back(tmp_path, model_dir):
+    memory = tmp_path / "m.safetensors"
+    invoke("inject", "-", "--memory", memory, "--model", model_dir, input=FACT)
+    invoke("memory", "export", memory, tmp_path / "official", "--model", model_dir)
+    assert json.loads((tmp_path / "official" / "config.json").read_text())["architectures"] == ["MemoryLLM"]
+    invoke("memory", "import", tmp_path / "official", tmp_path / "back.safetensors", "--model", model_dir)
+    assert torch.equal(MemoryState.load(tmp_path / "back.safetensors").stm, MemoryState.load(memory).stm)
+
+    other, _ = untrained_model(hidden_size=32, num_layers=2, num_tokens=8, num_blocks=4)
+    other.new_memory().save(tmp_path / "other.safetensors")
+    refused = runner.invoke(
+        app, ["memory", "import", str(tmp_path / "other.safetensors"), str(tmp_path / "x"), "--model", model_dir]
+    )
+    assert refused.exit_code == 1 and "another model" in refused.output and not (tmp_path / "x").exists()
+
+
+def test_train_passes_its_options_to_the_preset_trainer(tmp_path, monkeypatch):
+    training = pytest.importorskip("latentmem.training")
+    calls = []
+
+    def fake(name, out_dir, **kwargs):
+        calls.append((name, out_dir, kwargs))
+        return out_dir / "final"
+
+    monkeypatch.setattr(training, "train_preset", fake)
+    output = invoke("train", "--preset", "tiny", "--out", tmp_path, "--max-minutes", "2", "--set", "batch_size=8")
+    expected = {"max_minutes": 2.0, "resume": False, "seed": 0, "num_threads": None, "batch_size": 8}
+    assert calls == [("tiny", tmp_path, expected)] and f"--model {tmp_path / 'final'}" in output
+
+
+def test_serve_builds_the_app_from_its_options(tmp_path, model_dir, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
+    monkeypatch.setenv("LATENTMEM_API_KEYS", "alice-key-0123456789:alice")
+    invoke("serve", "--model", model_dir, "--data-dir", tmp_path / "data", "--port", "9999")
+    assert served["host"] == "127.0.0.1" and served["port"] == 9999
+    with TestClient(served["app"]) as http:
+        assert http.get("/v1/memory", headers={"Authorization": "Bearer alice-key-0123456789"}).json()["writes"] == 0
+        assert http.get("/v1/memory").status_code == 401
+
+    monkeypatch.delenv("LATENTMEM_API_KEYS")
+    refused = runner.invoke(app, ["serve", "--model", model_dir, "--data-dir", str(tmp_path / "data")])
+    assert refused.exit_code == 1 and "no API keys configured" in refused.output
+
+
+def test_the_default_model_is_the_trained_preset_or_labelled_untrained():
+    output = invoke("ask", "hello", "--max-new-tokens", "2")
+    try:
+        from latentmem.presets import preset_path
+
+        preset_path("tiny")
+    except (ImportError, FileNotFoundError):
+        assert "random weights" in output
+    else:
+        assert "random weights" not in output

@@ -1,15 +1,76 @@
-"""The `latentmem` command line."""
+"""The `latentmem` command line.
+
+Memory lives in files (`--memory FILE`, one `.safetensors` MemoryState each); `--model` takes a
+local folder (latentmem layout or an official MemoryLLM checkpoint) and defaults to the embedded
+model (see `models.load_model`).
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="Memory inside a transformer language model (MemoryLLM).", no_args_is_help=True)
-memory_app = typer.Typer(help="Inspect saved memory states.", no_args_is_help=True)
+memory_app = typer.Typer(help="Inspect and manage saved memory files.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
+
+MODEL = typer.Option(
+    None, "--model", "-m", help="Local model folder (latentmem or official MemoryLLM); default: the embedded model."
+)
+HELP = """/memory          the sources in memory and how many of their slots survive
+/forget SOURCE   remove every slot a source wrote so far
+/remember TEXT   write a text into memory now
+/exit            write the window into memory, save, quit"""
+MEMORY_FILE = typer.Option(None, "--memory", help="Memory file: loaded if it exists, saved after every write.")
+PLACEMENT: dict[str, str | None] = {"device": None, "dtype": None}  # set by the global --device / --dtype
+
+
+@app.callback()
+def main(
+    device: str = typer.Option(None, help="Where the model runs: cpu, cuda, cuda:1, mps (default: CPU)."),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's own)."),
+) -> None:
+    """Memory inside a transformer language model (MemoryLLM)."""
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"{dtype!r} is not one of float32, bfloat16, float16", param_hint="--dtype")
+    PLACEMENT.update(device=device, dtype=dtype)
+
+
+def _load(model_path: str | None):
+    from .models import UNTRAINED_NOTE, is_untrained, load_model
+
+    try:
+        model, tokenizer = load_model(model_path, **PLACEMENT)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if is_untrained(model):
+        typer.echo(f"note: {UNTRAINED_NOTE}", err=True)
+    return model, tokenizer
+
+
+def _open_memory(model, path: Path | None, *, must_exist: bool = False):
+    from .chat import open_memory
+    from .persistence import MemoryFileError
+
+    if must_exist and (path is None or not path.exists()):
+        _fail(f"no memory file at {path}")
+    try:
+        return open_memory(model, path)
+    except MemoryFileError as err:
+        _fail(str(err))
+
+
+def _printable(text: str) -> str:
+    """Model output for a terminal: control characters (an untrained model emits them) shown as �."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -20,11 +81,306 @@ def demo(distractors: int = typer.Option(40, min=1, help="Unrelated writes after
     run_demo(distractors=distractors, echo=typer.echo)
 
 
-@memory_app.command("info")
-def memory_info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A saved memory file.")) -> None:
-    """Print a memory file's manifest (shape, writes, injections) without loading its tensors."""
-    from .persistence import read_manifest
+@app.command()
+def chat(
+    model_path: str = MODEL,
+    memory: Path = MEMORY_FILE,
+    window: int = typer.Option(
+        1024, min=1, help="Tokens of recent turns kept in the prompt; older turns go to memory."
+    ),
+    max_new_tokens: int = typer.Option(128, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    system: str = typer.Option(None, help="A system message at the top of every prompt."),
+    source: str = typer.Option(None, help="Provenance label of this session's writes (default chat:<time>)."),
+) -> None:
+    """Chat; turns that leave the window are written into memory. /help lists the commands."""
+    from .chat import ChatSession
 
-    manifest = read_manifest(path)
-    manifest.pop("generator_state")
-    typer.echo(json.dumps(manifest, indent=2))
+    model, tokenizer = _load(model_path)
+    state = _open_memory(model, memory)
+    options = {"window_tokens": window, "max_new_tokens": max_new_tokens, "temperature": temperature, "system": system}
+    if source:
+        options["source"] = source
+    session = ChatSession(model, tokenizer, state, memory_path=memory, **options)
+    where = memory or "(not saved: pass --memory FILE)"
+    typer.echo(f"memory: {where}; {len(state.injections)} injections. /help for commands.")
+    try:
+        _chat_loop(session)
+    finally:  # also on Ctrl-C: the window goes into memory, the memory file is saved
+        written = session.close()
+        saved = f"saved to {memory}" if memory else "not saved"
+        typer.echo(f"wrote {len(written)} closing injection(s); memory {saved}")
+
+
+def _chat_loop(session) -> None:
+    from .chat import format_sources
+
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            typer.echo()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/help":
+            typer.echo(HELP)
+        elif line == "/memory":
+            typer.echo(format_sources(session.memory))
+        elif line.startswith("/forget"):
+            label = line.removeprefix("/forget").strip()
+            try:
+                typer.echo(f"removed {session.forget(label)} slots written by {label!r}")
+            except KeyError as err:
+                typer.echo(f"error: {err.args[0]}")
+        elif line.startswith("/remember"):
+            text = line.removeprefix("/remember").strip()
+            if not text:
+                typer.echo("usage: /remember TEXT")
+                continue
+            ids = session.remember(text)
+            typer.echo(f"written ({len(ids)} injection{'s' * (len(ids) != 1)}, source {session.source!r})")
+        elif line.startswith("/"):
+            typer.echo(f"unknown command {line.split()[0]!r}; /help lists the commands")
+        else:
+            typer.echo("model> ", nl=False)
+            try:
+                session.send(line, on_text=lambda delta: typer.echo(_printable(delta), nl=False))
+            except KeyboardInterrupt:
+                typer.echo(" [interrupted]", nl=False)
+            typer.echo()
+
+
+@app.command()
+def inject(
+    file: str = typer.Argument(..., help="A text file, or - for stdin."),
+    memory: Path = typer.Option(..., "--memory", help="Memory file to write into (created if missing)."),
+    model_path: str = MODEL,
+    source: str = typer.Option(None, help="Provenance label (default: the file name, or 'stdin')."),
+    allow_short: bool = typer.Option(False, help="Accept texts under the model's minimum context length."),
+) -> None:
+    """Write a text into a memory file (long texts in chunks, with a progress bar)."""
+    import torch
+    from tqdm import tqdm
+
+    from .chat import memory_ids
+    from .writing import split_into_chunks
+
+    text = sys.stdin.read() if file == "-" else _read_text(Path(file))
+    model, tokenizer = _load(model_path)
+    state = _open_memory(model, memory)
+    ids = torch.tensor(memory_ids(tokenizer, text), dtype=torch.long)
+    if ids.numel() == 0:
+        _fail("nothing to inject: the text is empty")
+    chunks = split_into_chunks(ids, model.config.chunk_size)
+    label = source or ("stdin" if file == "-" else Path(file).name)
+    try:
+        model.inject(state, input_ids=chunks[0], source=label, allow_short=allow_short)  # validates before writing
+    except ValueError as err:
+        _fail(str(err))
+    for chunk in tqdm(chunks[1:], desc="injecting", unit="chunk", disable=len(chunks) < 3):
+        model.inject(state, input_ids=chunk, source=label, allow_short=True)
+    state.save(memory)
+    typer.echo(f"injected {ids.numel()} tokens in {len(chunks)} chunk(s) from {label!r} into {memory}")
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    memory: Path = MEMORY_FILE,
+    model_path: str = MODEL,
+    max_new_tokens: int = typer.Option(64, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+) -> None:
+    """Answer one question from memory (the memory file is only read)."""
+    from .chat import default_stops, generate_reply, prompt_ids
+
+    model, tokenizer = _load(model_path)
+    state = _open_memory(model, memory, must_exist=memory is not None)
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "stop": default_stops(tokenizer)}
+    reply = generate_reply(model, tokenizer, state, ids, **options)
+    typer.echo(_printable(reply.text.strip()))
+
+
+@app.command()
+def train(
+    preset: str = typer.Option(..., "--preset", help="The preset to train (see latentmem.training.PRESETS)."),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoints, metrics and the final model."),
+    max_minutes: float = typer.Option(None, help="Stop after this much training time (resume later)."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(None, help="torch threads for CPU training."),
+    options: list[str] = typer.Option([], "--set", help="KEY=VALUE TrainingConfig override (VALUE parsed as JSON)."),
+) -> None:
+    """Train a model from a preset; the final model folder works with --model."""
+    try:
+        from .training import train_preset
+    except ImportError as err:
+        _fail(f"training is not available in this installation ({err})")
+    overrides = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    try:
+        final = train_preset(
+            preset, out, max_minutes=max_minutes, resume=resume, seed=seed, num_threads=threads, **overrides
+        )
+    except (KeyError, TypeError) as err:  # an unknown preset or TrainingConfig field
+        _fail(str(err.args[0] if err.args else err))
+    typer.echo(f"trained model: {final} (use it with --model {final})")
+
+
+@app.command()
+def serve(
+    model_path: str = MODEL,
+    data_dir: Path = typer.Option(Path("latentmem-data"), help="Where memory states and their index live."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    keys: Path = typer.Option(
+        None, help="API keys file (TOML or JSON: {keys = {KEY = USER}}); also read: LATENTMEM_API_KEYS=KEY:USER,..."
+    ),
+    threads: int = typer.Option(
+        1, min=0, help="torch CPU threads per request (requests run in parallel; 0: torch's default)."
+    ),
+    max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest JSON request body."),
+    parallel: int = typer.Option(4, min=1, help="Model calls running at once (others wait in line, in order)."),
+) -> None:
+    """Serve an OpenAI-compatible chat API with one memory per user and session."""
+    import torch
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.auth import AuthConfigError, load_keys
+
+    try:
+        api_keys = load_keys(keys)
+    except AuthConfigError as err:
+        _fail(str(err))
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = _load(model_path)
+    name = Path(model_path).name if model_path else None
+    app_ = create_app(
+        model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
+        max_parallel=parallel,
+    )  # fmt: skip
+    typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
+               f"memory under {data_dir}", err=True)  # fmt: skip
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+# --- memory files -----------------------------------------------------------------------------
+@memory_app.command("info")
+def memory_info(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A saved memory file."),
+    as_json: bool = typer.Option(False, "--json", help="The manifest and per-source counts as JSON."),
+) -> None:
+    """Shape, writes and the sources in memory with how many of their slots survive."""
+    from .chat import format_sources, memory_sources
+    from .persistence import MemoryFileError, read_manifest
+    from .state import MemoryState
+
+    try:
+        manifest = read_manifest(path)
+        state = MemoryState.load(path)
+    except MemoryFileError as err:
+        _fail(str(err))
+    if as_json:
+        manifest.pop("generator_state")
+        typer.echo(json.dumps({**manifest, "sources": memory_sources(state)}, indent=2))
+    else:
+        typer.echo(f"{path}: {state.dtype}, model fingerprint {state.fingerprint}")
+        typer.echo(format_sources(state))
+
+
+@memory_app.command("forget")
+def memory_forget(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A saved memory file."),
+    source: str = typer.Option(..., "--source", help="Remove every slot written under this source label."),
+    model_path: str = MODEL,
+) -> None:
+    """Targeted forgetting: remove the slots an injection source wrote."""
+    model, _ = _load(model_path)
+    state = _open_memory(model, path, must_exist=True)
+    if not state.injections_from(source):
+        known = sorted({i.source for i in state.injections.values()})
+        _fail(f"no injections from source {source!r} in {path}; sources: {known}")
+    removed = model.forget(state, source=source)
+    state.save(path)
+    typer.echo(f"removed {removed} slots (all layers) written by {source!r}")
+
+
+@memory_app.command("reset")
+def memory_reset(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A saved memory file."),
+    model_path: str = MODEL,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Empty a memory file (back to the model's initial memory; injection records are dropped)."""
+    model, _ = _load(model_path)
+    state = _open_memory(model, path, must_exist=True)
+    if not yes:
+        typer.confirm(f"erase {len(state.injections)} injections from {path}?", abort=True)
+    model.initial_memory(seed=state.seed).save(path)
+    typer.echo(f"reset {path}")
+
+
+@memory_app.command("export")
+def memory_export(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A saved memory file."),
+    out: Path = typer.Argument(..., help="Folder for an official-layout MemoryLLM checkpoint."),
+    model_path: str = MODEL,
+) -> None:
+    """Write an official MemoryLLM checkpoint folder (weights of --model) that ships this memory."""
+    model, tokenizer = _load(model_path)
+    state = _open_memory(model, path, must_exist=True)
+    try:
+        model.save_pretrained(out, layout="official", memory=state)
+    except ValueError as err:
+        _fail(f"this model cannot be written in the official layout ({err})")
+    tokenizer.save_pretrained(out)
+    typer.echo(f"wrote an official-layout checkpoint with this memory to {out}")
+
+
+@memory_app.command("import")
+def memory_import(
+    source: Path = typer.Argument(..., exists=True, help="A memory file, or an official checkpoint folder."),
+    path: Path = typer.Argument(..., help="The memory file to write."),
+    model_path: str = MODEL,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing memory file."),
+) -> None:
+    """Install memory from a memory file (e.g. a server export) or the pool an official checkpoint ships."""
+    from .models import load_model
+    from .persistence import MemoryFileError
+    from .state import MemoryState
+
+    if path.exists() and not force:
+        _fail(f"{path} exists; pass --force to overwrite it")
+    model, _ = _load(model_path)
+    try:
+        if source.is_dir():
+            shipped, _ = load_model(source)
+            if shipped.fingerprint != model.fingerprint:
+                raise MemoryFileError(f"{source} is a checkpoint of another model shape than the one in use")
+            state = shipped.initial_memory()
+        else:
+            state = MemoryState.load(source, model)
+    except (MemoryFileError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    state.save(path)
+    typer.echo(f"imported {len(state.injections)} injections ({state.write_count} writes) into {path}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        _fail(f"cannot read {path} as UTF-8 text ({err})")

@@ -1,0 +1,156 @@
+"""Throughput and latency of `latentmem serve` under concurrent clients.
+
+Starts the server as its own process on a loopback port (default model unless --model), then:
+  1. in-process baseline: the same inject and chat calls straight on the model, no HTTP;
+  2. one client, sequential requests;
+  3. --clients clients at once, each on its own session (writes and reads interleaved), plus
+     the same with every client on one shared session (serialised by its lock).
+Prints requests/s and p50/p95 latency per endpoint, with ratios to the baselines.
+
+    python benchmarks/bench_server.py --clients 20 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+KEY = "bench-key-0123456789abcdef"
+TEXT = (
+    "Ada Quorn keeps the spare key of the lighthouse under the third blue stone by the gate; "
+    "her locker code is 4711 and the archive she works at opens at nine and closes at five."
+)
+QUESTION = "Where does Ada keep the spare key?"
+
+
+def start_server(args, data_dir: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LATENTMEM_API_KEYS": f"{KEY}:bench", "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, "-c", "from latentmem.cli import app; app()", "serve", "--data-dir", data_dir,
+               "--port", str(port), "--threads", str(args.threads), "--parallel", str(args.parallel)]  # fmt: skip
+    command += ["--model", args.model] if args.model else []
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            if process.poll() is not None:
+                sys.exit(f"server exited: {process.stderr.read()}")
+            time.sleep(0.1)
+    sys.exit("server did not start")
+
+
+def client_run(url: str, session: str, rounds: int, max_tokens: int, timings: dict[str, list[float]]) -> None:
+    """`rounds` pairs of (inject a text, ask a question) on one session, timing each request."""
+    inject = {"text": TEXT, "session": session, "source": "bench"}
+    ask = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "session": session,
+           "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as c:
+        for _ in range(rounds):
+            for kind, path, body in (("inject", "/v1/memory/inject", inject), ("chat", "/v1/chat/completions", ask)):
+                start = time.perf_counter()
+                response = c.post(path, json=body)
+                elapsed = time.perf_counter() - start
+                if response.status_code != 200:
+                    raise RuntimeError(f"{kind}: {response.status_code} {response.text}")
+                timings[kind].append(elapsed)
+
+
+def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool) -> tuple[dict, float]:
+    timings: dict[str, list[float]] = {"inject": [], "chat": []}
+    threads = [
+        threading.Thread(target=client_run, args=(url, "shared" if shared else f"c{i}", rounds, max_tokens, timings))
+        for i in range(clients)
+    ]
+    start = time.perf_counter()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return timings, time.perf_counter() - start
+
+
+def in_process_baseline(args) -> dict[str, float]:
+    """Median seconds of the same inject and chat calls made on the model directly."""
+    import torch
+
+    from latentmem.chat import generate_reply, memory_ids, prompt_ids
+    from latentmem.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    memory = model.initial_memory()
+    ids, prompt = memory_ids(tokenizer, TEXT), prompt_ids(tokenizer, [{"role": "user", "content": QUESTION}])
+    times: dict[str, list[float]] = {"inject": [], "chat": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(max(5, args.rounds)):
+            start = time.perf_counter()
+            model.inject(memory, input_ids=ids, source="bench")
+            memory.save(f"{tmp}/m.safetensors")  # the server saves after every write too
+            times["inject"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            generate_reply(model, tokenizer, memory, prompt, max_new_tokens=args.max_tokens)
+            times["chat"].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=10, help="inject + chat pairs per client")
+    parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per chat request (greedy)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per request in the server")
+    parser.add_argument("--parallel", type=int, default=4, help="model calls the server runs at once")
+    args = parser.parse_args()
+
+    base = in_process_baseline(args)
+    with tempfile.TemporaryDirectory() as data_dir:
+        process, url = start_server(args, data_dir)
+        try:
+            model = httpx.get(url + "/health").json()["model"]
+            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": []})
+            runs = {
+                "1 client": load(url, 1, args.rounds, args.max_tokens, shared=False),
+                f"{args.clients} clients, own sessions": load(url, args.clients, args.rounds, args.max_tokens, False),
+                f"{args.clients} clients, one session": load(url, args.clients, args.rounds, args.max_tokens, True),
+            }
+        finally:
+            process.terminate()
+            process.wait(60)
+    print(f"model {model}; server: 1 process, {args.parallel} model calls at once, {args.threads} torch thread(s) "
+          f"each, {os.cpu_count()} CPUs; "
+          f"chat = {args.max_tokens} greedy tokens, inject = {len(TEXT)}-character text + atomic save")  # fmt: skip
+    print(f"in-process baseline (no HTTP, no locks): inject {base['inject'] * 1e3:.1f} ms, "
+          f"chat {base['chat'] * 1e3:.1f} ms")  # fmt: skip
+    print(f"{'run':<28} {'requests/s':>10} {'x 1 client':>10}   {'inject p50/p95 ms':>17} "
+          f"{'chat p50/p95 ms':>17} {'chat p50 / direct':>18}")  # fmt: skip
+    single = None
+    for name, (timings, seconds) in runs.items():
+        rate = sum(map(len, timings.values())) / seconds
+        single = single or rate
+        inject, chat = (
+            f"{pct(timings[k], 0.5) * 1e3:>8.0f} /{pct(timings[k], 0.95) * 1e3:>7.0f}" for k in ("inject", "chat")
+        )
+        ratio = pct(timings["chat"], 0.5) / base["chat"]
+        print(f"{name:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x")
+
+
+if __name__ == "__main__":
+    main()

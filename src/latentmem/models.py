@@ -1,0 +1,161 @@
+"""Loading a model and its tokenizer for the command line and the server.
+
+`load_model(path)` takes a local folder (latentmem's native layout or an official MemoryLLM
+checkpoint, with its tokenizer files), or `None` for the embedded default model: the trained
+`tiny` preset where `latentmem.presets` is installed, else a tiny *untrained* model built here in
+code (random weights and a byte-level tokenizer), which shows the mechanics but recalls nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .config import DEFAULT_LORA, MemoryLLMConfig
+from .modeling import MemoryLLM
+
+logger = logging.getLogger(__name__)
+UNTRAINED_NAME = "latentmem-untrained-tiny"
+UNTRAINED_NOTE = (
+    f"{UNTRAINED_NAME}: random weights (no trained default model is installed); "
+    "it shows how memory is written and read, not what a trained model recalls"
+)
+# For tokenizers that ship no chat template (base models): a plain transcript, in the same
+# "Role: content" lines that chat turns are written into memory as (chat.role_tagged).
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}{% for m in messages %}"
+    "{{ {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant'}.get(m['role'], 'Tool') }}"
+    ": {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# The untrained model's tokenizer has role tokens of its own.
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+
+
+def load_model(
+    path: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None
+) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
+    """(model, tokenizer) from a local folder, or the embedded default model for `path=None`."""
+    if path is None:
+        model, tokenizer = default_model()
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    else:
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a model folder (no config.json); pass a latentmem folder saved with "
+                "save_pretrained or an official MemoryLLM checkpoint folder"
+            )
+        model = MemoryLLM.from_pretrained(folder, dtype=dtype, device=device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"{folder} has no usable tokenizer files ({err})") from err
+    model.eval()
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return model, tokenizer
+
+
+def default_model() -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
+    """The trained `tiny` preset if it is installed, else the untrained tiny model (labelled so)."""
+    try:
+        presets = importlib.import_module("latentmem.presets")
+    except ModuleNotFoundError as err:
+        if err.name not in ("latentmem.presets", "latentmem"):
+            raise  # the presets module exists but something it needs is missing: say so
+        return untrained_model()
+    load_preset = getattr(presets, "load_preset", None)
+    if load_preset is None:  # the presets package exists but is not built yet
+        return untrained_model()
+    try:
+        model, tokenizer = load_preset("tiny")
+    except FileNotFoundError as err:  # the preset's weights are not installed
+        logger.warning("the trained default model is unavailable (%s); using %s", err, UNTRAINED_NAME)
+        return untrained_model()
+    model.config.name_or_path = "latentmem-tiny"
+    return model, tokenizer
+
+
+def is_untrained(model: MemoryLLM) -> bool:
+    return model.config.name_or_path == UNTRAINED_NAME
+
+
+def model_name(model: MemoryLLM) -> str:
+    """The name a model is served under: its folder name, or the preset's name."""
+    name = str(model.config.name_or_path or "")
+    return Path(name).name if name else "latentmem"
+
+
+def untrained_model(
+    seed: int = 0,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_tokens: int = 32,
+    num_blocks: int = 16,
+) -> tuple[MemoryLLM, PreTrainedTokenizerFast]:
+    """A tiny Llama MemoryLLM with random weights, and a byte-level tokenizer with a chat template.
+
+    Deterministic for a seed (same weights on every run, so saved memory files stay meaningful).
+    """
+    tokenizer = byte_tokenizer()
+    backbone = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    config = MemoryLLMConfig(backbone_config=backbone, num_tokens=num_tokens, num_blocks=num_blocks, lora=DEFAULT_LORA)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = MemoryLLM(config).eval()
+        # LoRA B starts at zero (a no-op adapter); give both adapters a visible effect, as training would.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+    model.config.name_or_path = UNTRAINED_NAME
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )  # fmt: skip
+    return model, tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (ids 0..255) plus a few special tokens, with a role-tagged chat template."""
+    byte_chars = _bytes_to_unicode()
+    tokenizer = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", 256)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
+        chat_template=BYTE_CHAT_TEMPLATE, name_or_path=UNTRAINED_NAME,
+    )  # fmt: skip
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (what the ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars

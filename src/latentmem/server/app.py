@@ -1,0 +1,341 @@
+"""The HTTP API: OpenAI-compatible chat completions that read a per-user memory, and memory management.
+
+Every `/v1/` request carries `Authorization: Bearer KEY`; the key names the user, and the user
+plus an optional session (`session` in a JSON body, `?session=` or the `X-Latentmem-Session`
+header; "default" if none) names the memory. Sessions are per user: another user's session names
+are simply unknown, with the same 404 as a name nobody used.
+
+    POST   /v1/chat/completions   OpenAI chat completions (stream or not) reading the memory
+    POST   /v1/memory/inject      {"text", "source"?, "allow_short"?} -> the injection's record
+    POST   /v1/memory/forget      {"source"} -> slots removed
+    GET    /v1/memory             stats: writes, injections, sources with surviving slots
+    DELETE /v1/memory             reset to the model's initial memory
+    GET    /v1/memory/export      the state file (application/octet-stream)
+    POST   /v1/memory/import      a state file as the body (refused if corrupt or for another model)
+    GET    /v1/sessions, /v1/models, /health
+
+One model serves every state: reads and writes of one state are serialised by the state's lock
+(states.py), and reads and writes of different states take turns on the model (gate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException
+
+from ..chat import default_stops, generate_reply, memory_ids, memory_sources, prompt_ids
+from ..models import model_name as default_model_name
+from ..persistence import MemoryFileError
+from ..state import MemoryState
+from .auth import NAME_PATTERN, KeyTable
+from .gate import ModelGate
+from .guard import USER_KEY, ApiError, Guard, error_body
+from .schemas import ChatRequest, ForgetRequest, InjectRequest
+from .states import DEFAULT_SESSION, ShuttingDown, StateRegistry, UnknownSession
+
+logger = logging.getLogger("latentmem.server")
+SESSION_HEADER = "x-latentmem-session"
+
+
+def create_app(
+    model,
+    tokenizer,
+    *,
+    data_dir: str | Path,
+    api_keys: KeyTable | dict[str, str],
+    model_name: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    max_import_bytes: int | None = None,
+    max_new_tokens: int = 1024,
+    default_max_tokens: int = 256,
+    max_sessions_per_user: int = 1000,
+    max_loaded_states: int = 64,
+    max_parallel: int = 4,
+) -> FastAPI:
+    """The server for one loaded model; memory states live under `data_dir`.
+
+    `max_parallel`: model calls (all reads or all writes) that may run at once; more wait in line.
+    """
+    keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
+    registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states)
+    gate = ModelGate(max_parallel)
+    name = model_name or default_model_name(model)
+    L, N, d = model.backbone.config.num_hidden_layers, model.config.memory_size, model.backbone.config.hidden_size
+    # An uploaded state: the slots, per-slot ages and provenance, and room for the manifest.
+    max_import_bytes = max_import_bytes or L * N * (d * model.dtype.itemsize + 16) + (16 << 20)
+    context = getattr(model.backbone.config, "max_position_embeddings", None)
+    tmp_dir = Path(data_dir) / "tmp"  # uploads being checked, exports of never-saved states
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in tmp_dir.iterdir():  # from a process that was killed
+        leftover.unlink(missing_ok=True)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        loaded = await run_in_threadpool(registry.close)  # waits for reads and writes in flight
+        logger.warning("shut down: every write was saved; %d memory states were loaded", loaded)
+
+    app = FastAPI(title="latentmem", lifespan=lifespan)
+    app.state.model_name, app.state.registry = name, registry
+    app.add_middleware(Guard, keys=keys, max_body_bytes=max_body_bytes, max_import_bytes=max_import_bytes)
+
+    def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, code, param), status_code=status)
+
+    @app.exception_handler(HTTPException)  # ours (ApiError) and the router's 404 / 405
+    async def http_error(request: Request, err: HTTPException):
+        response = error(
+            err.status_code, str(err.detail), getattr(err, "code", "http_error"), getattr(err, "param", None)
+        )
+        response.headers.update(err.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
+        return error(400, "invalid request: " + "; ".join(problems), "invalid_request")
+
+    @app.exception_handler(UnknownSession)
+    async def unknown_session(request: Request, err: UnknownSession):
+        message = f"unknown session {err.args[0]!r}: a session exists once something was written into it"
+        return error(404, message, "unknown_session", "session")
+
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, err: ShuttingDown):
+        return error(503, "the server is shutting down", "shutting_down")
+
+    @app.exception_handler(MemoryFileError)
+    async def unreadable_memory(request: Request, err: MemoryFileError):
+        logger.error("memory file unreadable: %s", err)
+        return error(500, "this session's memory file cannot be read by this model", "bad_state")
+
+    # --- helpers ---------------------------------------------------------------------------
+    def user_of(request: Request) -> str:
+        return request.scope[USER_KEY]
+
+    def session_of(request: Request, in_body: str | None = None, *, must_exist: bool = True) -> str:
+        given = {v for v in (request.headers.get(SESSION_HEADER), request.query_params.get("session"), in_body) if v}
+        if len(given) > 1:
+            raise ApiError(400, f"conflicting session ids {sorted(given)} (body, query and header)", param="session")
+        session = given.pop() if given else DEFAULT_SESSION
+        if not NAME_PATTERN.match(session):
+            raise ApiError(400, f"session id must match {NAME_PATTERN.pattern}", param="session")
+        if must_exist and not registry.exists(user_of(request), session):
+            raise UnknownSession(session)
+        return session
+
+    def check_session_quota(user: str, session: str) -> None:
+        if not registry.exists(user, session) and registry.count_sessions(user) >= max_sessions_per_user:
+            message = f"session limit of {max_sessions_per_user} reached; reuse or reset a session"
+            raise ApiError(403, message, "session_limit")
+
+    def stats(session: str, state: MemoryState) -> dict:
+        return {
+            "object": "memory", "session": session, "model": name, "layers": state.num_layers,
+            "slots_per_layer": state.num_slots, "initialized": state.initialized, "writes": state.write_count,
+            "injections": len(state.injections), "sources": memory_sources(state),
+        }  # fmt: skip
+
+    # --- chat ------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatRequest, request: Request):
+        user, session = user_of(request), session_of(request, body.session)
+        if body.n != 1 or body.tools or body.logprobs:
+            raise ApiError(400, "only n=1 without tools or logprobs is supported", param="n")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4:
+            raise ApiError(400, "at most 4 stop strings", param="stop")
+        stop += default_stops(tokenizer)
+        max_new = body.max_completion_tokens or body.max_tokens or default_max_tokens
+        if max_new > max_new_tokens:
+            raise ApiError(
+                400, f"max_tokens {max_new} is over this server's limit of {max_new_tokens}", param="max_tokens"
+            )
+        try:
+            ids = prompt_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        except TemplateError as err:
+            raise ApiError(400, f"the model's chat template rejected these messages: {err}", param="messages") from err
+        if context and 1 + N + len(ids) + max_new > context:
+            message = (f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceed the model's context of "
+                       f"{context - 1 - N} positions after memory")  # fmt: skip
+            raise ApiError(400, message, "context_length_exceeded", "messages")
+        options = {"max_new_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "stop": stop}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = stream_reply(user, session, ids, options, head, usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        with registry.read(user, session) as state, gate.hold("read"):
+            reply = generate_reply(model, tokenizer, state, ids, **options)
+        message = {"role": "assistant", "content": reply.text}
+        choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": None}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(reply)}
+
+    def stream_reply(user: str, session: str, ids: list[int], options: dict, head: dict, include_usage: bool):
+        """Server-sent events: generation runs in its own thread, text deltas come through a queue."""
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+
+        def work():
+            try:
+                with registry.read(user, session) as state, gate.hold("read"):
+                    reply = generate_reply(
+                        model, tokenizer, state, ids, on_text=lambda text: events.put(("text", text)), cancel=cancel,
+                        **options,
+                    )  # fmt: skip
+                events.put(("done", reply))
+            except Exception as err:  # reported in the stream: the 200 status is already sent
+                logger.exception("streamed generation failed")
+                events.put(("error", err))
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def delta(content: dict, finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
+            return event({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+        threading.Thread(target=work, name="latentmem-generate", daemon=True).start()
+        try:
+            yield delta({"role": "assistant", "content": ""})
+            while True:
+                kind, value = events.get()
+                if kind == "text":
+                    yield delta({"content": value})
+                    continue
+                if kind == "done":
+                    yield delta({}, value.finish_reason)
+                    if include_usage:
+                        yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
+                else:
+                    yield event(error_body(500, "generation failed", "generation_failed"))
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()  # the client went away (or all is sent): stop generating
+
+    # --- memory ----------------------------------------------------------------------------
+    @app.post("/v1/memory/inject")
+    def inject(body: InjectRequest, request: Request):
+        user, session = user_of(request), session_of(request, body.session, must_exist=False)
+        if not body.text.strip():
+            raise ApiError(400, "nothing to inject: text is empty", param="text")
+        ids, minimum = memory_ids(tokenizer, body.text), model.config.min_context_tokens
+        if len(ids) < minimum and not body.allow_short:
+            message = (f"text has {len(ids)} tokens; the model was trained on contexts of >= {minimum} "
+                       "(send allow_short: true to inject anyway)")  # fmt: skip
+            raise ApiError(400, message, "context_too_short", "text")
+        check_session_quota(user, session)
+        with registry.write(user, session) as slot, gate.hold("write"):
+            result = model.inject(slot.state, input_ids=ids, source=body.source, allow_short=body.allow_short)
+            record = slot.state.injections[result.injection_id]
+        return {
+            "object": "memory.injection", "session": session, "id": result.injection_id, "source": record.source,
+            "timestamp": record.timestamp, "tokens": result.tokens, "chunks": result.chunks,
+            "slots_written": result.slots_written,
+        }  # fmt: skip
+
+    @app.post("/v1/memory/forget")
+    def forget(body: ForgetRequest, request: Request):
+        user, session = user_of(request), session_of(request, body.session)
+        with registry.write(user, session, create=False) as slot:
+            if not slot.state.injections_from(body.source):
+                message = f"no injections from source {body.source!r} in this session"
+                raise ApiError(404, message, "unknown_source", "source")
+            removed = model.forget(slot.state, source=body.source)
+            result = stats(session, slot.state)
+        return {**result, "removed_slots": removed}
+
+    @app.get("/v1/memory")
+    def get_memory(request: Request):
+        user, session = user_of(request), session_of(request)
+        with registry.read(user, session) as state:
+            return stats(session, state)
+
+    @app.delete("/v1/memory")
+    def reset_memory(request: Request):
+        user, session = user_of(request), session_of(request)
+        with registry.write(user, session, create=False) as slot:
+            slot.state = registry.new_state()
+            return stats(session, slot.state)
+
+    @app.get("/v1/memory/export")
+    def export_memory(request: Request):
+        user, session = user_of(request), session_of(request)
+        with registry.read(user, session) as state:
+            path = registry.path(user, session)
+            if not path.exists():  # the default session, never written: export the empty state
+                fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
+                os.close(fd)
+                path = Path(tmp)
+                state.save(path)
+            file = open(path, "rb")  # noqa: SIM115 (opened under the lock; later saves replace the name, not it)
+            if path.parent == tmp_dir:
+                os.unlink(path)
+        headers = {
+            "Content-Disposition": f'attachment; filename="{session}.safetensors"',
+            "Content-Length": str(os.fstat(file.fileno()).st_size),
+        }
+        return StreamingResponse(_read_chunks(file), media_type="application/octet-stream", headers=headers)
+
+    @app.post("/v1/memory/import")
+    async def import_memory(request: Request):
+        user, session = user_of(request), session_of(request, must_exist=False)
+        payload = await request.body()
+        return await run_in_threadpool(install, user, session, payload)
+
+    def install(user: str, session: str, payload: bytes) -> dict:
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            state = MemoryState.load(tmp, model)
+        except MemoryFileError as err:
+            message = f"not a memory file for this model: {str(err).replace(tmp, 'the upload')}"
+            raise ApiError(400, message, "bad_memory_file") from err
+        finally:
+            os.unlink(tmp)
+        check_session_quota(user, session)
+        with registry.write(user, session) as slot:
+            slot.state = state
+            return stats(session, state)
+
+    @app.get("/v1/sessions")
+    def list_sessions(request: Request):
+        return {"object": "list", "data": registry.sessions(user_of(request))}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "latentmem"}]}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": name}
+
+    return app
+
+
+def _usage(reply) -> dict:
+    total = reply.prompt_tokens + reply.completion_tokens
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens, "total_tokens": total}
+
+
+def _read_chunks(file, size: int = 1 << 20):
+    with file:
+        while block := file.read(size):
+            yield block

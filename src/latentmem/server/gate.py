@@ -1,0 +1,65 @@
+"""Sharing one model between threads that write and threads that read.
+
+A MemoryLLM's active LoRA adapter is model-wide state: writes run with `default`, reads with
+`decoder_adapter` (SPEC §1), and `model.adapters.activate` switches it for every thread at once. So
+a write must never run while a read is mid-forward, or either would compute with the wrong
+adapter. Calls in the *same* role do not disturb each other (inference only reads the weights),
+so reads may overlap reads and writes may overlap writes, up to `max_parallel` at once.
+
+Waiters are served first come, first served, in phases: whoever is at the head of the queue goes
+next, together with the waiters right behind it in the same role; nobody overtakes a waiter of the
+other role, so neither role starves under a steady stream of the other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+Role = Literal["read", "write"]
+
+
+class ModelGate:
+    def __init__(self, max_parallel: int = 4) -> None:
+        if max_parallel < 1:
+            raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
+        self.max_parallel = max_parallel
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Role, object]] = deque()
+        self._role: Role | None = None
+        self._active = 0
+
+    @contextmanager
+    def hold(self, role: Role) -> Iterator[None]:
+        """Use the model in `role` for the duration of the block."""
+        ticket = (role, object())
+        with self._cond:
+            self._queue.append(ticket)
+            while not self._may_enter(ticket):
+                self._cond.wait()
+            self._queue.remove(ticket)
+            self._role = role
+            self._active += 1
+            self._cond.notify_all()  # the next in line may be able to join
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._role = None
+                self._cond.notify_all()
+
+    def _may_enter(self, ticket: tuple[Role, object]) -> bool:
+        role = ticket[0]
+        if self._active and (self._role != role or self._active >= self.max_parallel):
+            return False
+        for waiting in self._queue:  # only waiters of the same role may be ahead
+            if waiting is ticket:
+                return True
+            if waiting[0] != role:
+                return False
+        return False
