@@ -137,3 +137,8 @@ class MPlusConfig(MemoryLLMConfig):
     def retrieved_slots(self) -> int:
         """Long-term slots retrieved per layer and prompt (at most)."""
         return self.num_ltm_blocks * self.num_tokens
+
+
+# Let transformers' Auto classes (e.g. AutoTokenizer reading a latentmem folder) recognise these configs.
+AutoConfig.register(MemoryLLMConfig.model_type, MemoryLLMConfig, exist_ok=True)
+AutoConfig.register(MPlusConfig.model_type, MPlusConfig, exist_ok=True)
