@@ -154,3 +154,24 @@ def test_inject_records_provenance():
     assert state.injections[1].source == "doc" and state.injections[0].tokens == 20
     assert (state.sources[:, -8:] == 1).all()
     assert (state.ages[:, -8:] == 0).all()
+
+
+def test_write_token_shift_adds_the_previous_tokens_mapped_embedding():
+    model = make_model(write_token_shift=True)
+    state = written_state(model)
+    ids = random_ids(20, seed=4)
+    model.adapters.activate("write")
+    # starts as a no-op
+    torch.testing.assert_close(compute_new_slots(model, state, ids), reference_new_slots(model, state.stm, ids), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        model.token_shift.weight.copy_(torch.randn(64, 64) * 0.1)
+        embed = model.backbone.model.embed_tokens
+        shifted = embed(ids) + torch.nn.functional.pad(embed(ids), (0, 0, 1, 0))[:, :-1] @ model.token_shift.weight.T
+        original = embed.weight.clone()
+        got = compute_new_slots(model, state, ids)
+        # the reference with token embeddings replaced by the shifted ones
+        embed.weight = torch.nn.Parameter(torch.cat([original, shifted[0]]))
+        want = reference_new_slots(model, state.stm, torch.arange(97, 97 + 20)[None])
+        embed.weight = torch.nn.Parameter(original)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert (got - reference_new_slots(model, state.stm, ids)).abs().max() > 1e-3

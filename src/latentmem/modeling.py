@@ -49,6 +49,10 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.bos_embedding = nn.Parameter(torch.randn(L, 1, d) * 0.02) if config.add_bos_embedding else None
         # Added to the last K positions of a layer's input while writing, marking "these become memory".
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
+        # Optional: written tokens also see the previous token's embedding (starts as a no-op).
+        self.token_shift = nn.Linear(d, d, bias=False) if config.write_token_shift else None
+        if self.token_shift is not None:
+            nn.init.zeros_(self.token_shift.weight)
         self.adapters = AdapterSwitch(self.backbone, config.lora, config.add_decoder_lora)
         self.prefix_cache = PrefixCache()
         self.checkpoint_memory: MemoryState | None = None  # the pool an official checkpoint ships

