@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from .ltm.files import fsync_dir
 from .state import Injection, MemoryState
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def save_state(state: MemoryState, path: str | Path) -> None:
         if "ltm" in manifest:
             shutil.rmtree(path.parent / manifest["ltm"], ignore_errors=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)  # make the rename itself durable
     _remove_stale_generations(path, keep=manifest.get("ltm"))
 
 
@@ -125,21 +126,6 @@ def _file_mode(path: Path) -> int:
     umask = os.umask(0o077)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Make the rename itself durable (a crash right after save must not bring back the old file).
-    # Best effort: some systems cannot open or fsync a folder, and the file is already in place.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -75,7 +75,7 @@ def save_store(store: LongTermStore, path: Path) -> None:
         manifest["manifest_checksum"] = _manifest_checksum(manifest)
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         for folder in [tmp / f"layer_{i:03d}" for i in range(store.num_layers)] + [tmp]:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,10 +153,10 @@ def _swap_in(tmp: Path, path: Path) -> None:
         if backup.exists():  # left by an earlier interrupted save; `path` is complete, so drop it
             shutil.rmtree(backup)
         os.rename(path, backup)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     # From here until the next rename, `path` is missing and `open` falls back to `backup`.
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(backup, ignore_errors=True)
 
 
@@ -182,7 +182,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # Make renames and new entries durable. Best effort: some systems cannot fsync a folder.
     try:
         fd = os.open(folder, os.O_RDONLY)
