@@ -384,3 +384,7 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"cannot read {path} as UTF-8 text ({err})")
+
+
+if __name__ == "__main__":  # `python -m latentmem.cli ...`, e.g. under torchrun
+    app()
