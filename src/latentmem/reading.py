@@ -138,17 +138,21 @@ class PrefixCache:
         self._entries: weakref.WeakKeyDictionary[MemoryState, tuple[tuple, MemoryPrefix]] = (
             weakref.WeakKeyDictionary()
         )
+        self._lock = threading.Lock()  # a server reads different states from several threads
 
     def get(self, model: "MemoryLLM", state: MemoryState, start: int = 0, with_bos: bool = True) -> MemoryPrefix:
         key = (state.version, model.adapters.active, model.dtype, start, with_bos)
-        entry = self._entries.get(state)
+        with self._lock:
+            entry = self._entries.get(state)
         if entry is not None and entry[0] == key:
             return entry[1]
         with torch.no_grad():
             slots = state.stm if state.initialized else None
             prefix = compute_memory_prefix(model, slots, spare=SPARE_POSITIONS, start=start, with_bos=with_bos)
-        self._entries[state] = (key, prefix)
+        with self._lock:
+            self._entries[state] = (key, prefix)
         return prefix
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
