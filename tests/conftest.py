@@ -61,6 +61,15 @@ def make_model(
     return model
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices on shared cores: a second torch thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model() -> MemoryLLM:
     return make_model()

@@ -21,12 +21,7 @@ from latentmem.models import byte_tokenizer, load_model, untrained_model
 FACT = "My locker code is 4711 and the spare key is under the third blue stone."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on shared cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ KEYS = {ALICE: "alice", BOB: "bob"}
 FACT = "Ada's locker code is 4711; she keeps it in the green notebook on the second shelf."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Many request threads share 2 cores: one intra-op thread each avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ from latentmem.training.objective import IGNORE
 K = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training steps are many small ops: on a busy 2-core box two OpenMP threads spin-wait on each
-    other and run many times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops: one thread is fastest
 
 
 def training_state(model, num_blocks: int = 1, seed: int = 0) -> MemoryState:
