@@ -79,10 +79,8 @@ def official_config_to_native(config: dict) -> MemoryLLMConfig:
     model_type = backbone_fields.pop("model_type", "llama")
     backbone_config = AutoConfig.for_model(model_type, **backbone_fields)
     lora = config.get("lora_config")
-    if config.get("num_memory_tokens", config["num_tokens"] * config["num_blocks"]) != (
-        config["num_tokens"] * config["num_blocks"]
-    ):
-        raise ValueError("config.json: num_memory_tokens must equal num_tokens * num_blocks")
+    # `num_memory_tokens` is derived (num_tokens * num_blocks); the `memory` tensor's shape is
+    # checked when the pool is installed, with a message naming both shapes.
     config_class, extra = MemoryLLMConfig, {}
     if is_mplus(config):
         config_class, extra = MPlusConfig, {k: config[k] for k in MPLUS_KEPT_FIELDS if k in config}
