@@ -175,3 +175,18 @@ def test_the_default_model_is_the_trained_preset_or_labelled_untrained():
         assert "random weights" in output
     else:
         assert "random weights" not in output
+
+
+def test_eval_retention_writes_results_table_and_plot(tmp_path, model_dir):
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        ["eval", "retention", "--model", str(model_dir), "--methods", "memory,replay,none", "--samples", "2",
+         "--checkpoints", "0,1", "--max-new-tokens", "4", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "memoryllm" in result.output and "replay" in result.output
+    for name in ("results.json", "results.csv", "retention.png", "table.md"):
+        assert (out / name).stat().st_size > 0
+    bad = runner.invoke(app, ["eval", "retention", "--model", str(model_dir), "--checkpoints", "a,b"])
+    assert bad.exit_code != 0 and "comma-separated integers" in bad.output

@@ -386,5 +386,40 @@ def _read_text(path: Path) -> str:
         _fail(f"cannot read {path} as UTF-8 text ({err})")
 
 
+eval_app = typer.Typer(help="Evaluate memory against baselines (SPEC §8).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retention")
+def eval_retention(
+    model_path: str = MODEL,
+    methods: str = typer.Option("memory,replay,summary,rag,none", help="Comma-separated: memory, replay, summary, rag, none."),
+    dataset: str = typer.Option("synthetic", help="synthetic, nolima, or a local SQuAD / NaturalQuestions JSON or LongBench JSONL file."),
+    samples: int = typer.Option(20, min=1, help="Questions per method."),
+    checkpoints: str = typer.Option("0,1,2,5,10,20,50", help="Distractor counts after which the question is asked."),
+    position: str = typer.Option("first", help="Where the answer's context goes: first, last, random."),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(12, min=1),
+    out: Path = typer.Option(Path("eval-retention"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
+) -> None:
+    """Knowledge retention of memory vs replay, summary, RAG and closed book, with plots."""
+    from .evaluation import markdown_table, run_retention
+
+    try:
+        steps = sorted({int(c) for c in checkpoints.split(",") if c.strip()})
+    except ValueError:
+        _fail(f"--checkpoints must be comma-separated integers, got {checkpoints!r}")
+    model, tokenizer = _load(model_path)
+    try:
+        result = run_retention(
+            model, tokenizer, [m.strip() for m in methods.split(",") if m.strip()], n_samples=samples,
+            checkpoints=steps, out_dir=out, dataset=dataset, position=position, seed=seed, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(markdown_table(result))
+    typer.echo(f"wrote {', '.join(result.config['files'].values())}")
+
+
 if __name__ == "__main__":  # `python -m latentmem.cli ...`, e.g. under torchrun
     app()
