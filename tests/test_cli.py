@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from latentmem import MemoryState
 from latentmem.cli import app
-from latentmem.demo import run_demo, tiny_model
+from latentmem.demo import run_demo
 from latentmem.models import untrained_model
 
 runner = CliRunner()
@@ -40,13 +40,13 @@ def test_demo_runs_and_reports_decay_and_a_faithful_reload():
 
 def test_demo_story_decays_as_expected():
     lines = []
-    memory = run_demo(tiny_model(), distractors=10, echo=lines.append)
+    memory = run_demo(*untrained_model(), distractors=10, echo=lines.append)
     story_id = next(i for i, rec in memory.injections.items() if rec.source == "story")
     assert memory.write_count == 12 and 0 < memory.surviving_slots().get(story_id, 0) < 32 * 4
 
 
 def test_memory_info_prints_the_manifest_and_sources(tmp_path):
-    model = tiny_model()
+    model, _ = untrained_model()
     memory = model.new_memory(seed=4)
     model.inject(memory, input_ids=list(b"a context that is long enough to be written"), source="note")
     memory.save(tmp_path / "m.safetensors")

@@ -223,7 +223,8 @@ def save_pretrained(model, path, layout: str = "native", memory: MemoryState | N
         tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors refuses shared storage
     if layout == "official":
         memory = memory if memory is not None else model.checkpoint_memory
-        L, N, d = model.new_memory().shape
+        b = model.backbone.config
+        L, N, d = b.num_hidden_layers, model.config.memory_size, b.hidden_size
         pool = memory.stm if memory is not None else torch.zeros(L, N, d, dtype=model.dtype)
         tensors["memory"] = pool.detach().to(model.dtype).contiguous().cpu()
         if isinstance(model.config, MPlusConfig):

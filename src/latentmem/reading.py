@@ -45,9 +45,14 @@ class MemoryPrefix:
         self._borrower: weakref.ref | None = None
         self._lock = threading.Lock()
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's prefix keys and values (views into its buffers)."""
+        keys, values = self.buffers[i]
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
     @property
     def keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in self.buffers]
+        return [self.layer(i) for i in range(len(self.buffers))]
 
     def seed(self, cache: Cache, batch_size: int) -> None:
         """Put the prefix into an empty `cache`, shared by `batch_size` prompts."""

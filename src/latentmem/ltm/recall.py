@@ -76,7 +76,7 @@ def prefill_with_retrieval(
                 head = torch.cat([model.bos_embedding[i].to(hidden.dtype), head])
             heads.append(head)
         keys, values = prefix_keys_values(layer, torch.stack(heads), head_rope)
-        stm_keys, stm_values = stm.keys_values[i]
+        stm_keys, stm_values = stm.layer(i)
         keys = torch.cat([keys, stm_keys.expand(batch, -1, -1, -1)], dim=2)
         values = torch.cat([values, stm_values.expand(batch, -1, -1, -1)], dim=2)
         cache.update(keys, values, i)
