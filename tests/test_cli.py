@@ -41,8 +41,8 @@ def test_demo_runs_and_reports_decay_and_a_faithful_reload():
 def test_demo_story_decays_as_expected():
     lines = []
     memory = run_demo(*untrained_model(), distractors=10, echo=lines.append)
-    story_id = next(i for i, rec in memory.injections.items() if rec.source == "story")
-    assert memory.write_count == 12 and 0 < memory.surviving_slots().get(story_id, 0) < 32 * 4
+    facts_id = next(i for i, rec in memory.injections.items() if rec.source == "facts")
+    assert memory.write_count == 12 and 0 < memory.surviving_slots().get(facts_id, 0) < 32 * 4
 
 
 def test_memory_info_prints_the_manifest_and_sources(tmp_path):

@@ -1,7 +1,9 @@
-"""A tour of the memory mechanics on a tiny model built in code (no download, a few seconds).
+"""`latentmem demo`: write facts into memory, bury them under distractors, ask, save and reload.
 
-Until trained default weights ship, the demo model is randomly initialised: it shows how memory
-is written, read, forgotten and persisted, not what a trained model recalls.
+Runs on the embedded default model (the trained `tiny` preset, a few MB, offline, seconds on a
+CPU). The facts are about invented people (a correct answer can only come from memory) and are
+phrased with held-out templates the model never saw in training; the distractors are English
+prose. With the untrained fallback model the same tour shows the mechanics only.
 """
 
 from __future__ import annotations
@@ -10,39 +12,54 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .data.filler import FillerStream, filler_paragraphs
+from .data.synthetic import FactGenerator
 from .modeling import MemoryLLM
-from .models import untrained_model
+from .models import default_model, is_untrained
 from .state import MemoryState
+from .training.recall import answer
+
+ASK_AFTER = (5, 20)  # distractor counts after which the questions are asked again
 
 
 def run_demo(model: MemoryLLM | None = None, tokenizer=None, distractors: int = 40, echo=print) -> MemoryState:
-    """Run the tour on `model` and its tokenizer (default: `latentmem.models.untrained_model()`)."""
+    """Run the tour on `model` and its tokenizer (default: `latentmem.models.default_model()`)."""
     if model is None:
-        model, tokenizer = untrained_model()
-
-    def write(text: str, source: str = ""):
-        return model.inject(memory, text=text, tokenizer=tokenizer, source=source)
-
+        model, tokenizer = default_model()
+    trained = not is_untrained(model)
+    document = FactGenerator(seed=2024, split="heldout", facts_per_document=(2, 2)).document()
+    filler = FillerStream(filler_paragraphs(source="stdlib"), seed=1)
     K, N = model.config.num_tokens, model.config.memory_size
     memory = model.new_memory(seed=0)
+
+    def write(text: str, source: str):
+        return model.inject(memory, text=text, tokenizer=tokenizer, source=source, allow_short=True)
+
+    def ask(when: str) -> None:
+        echo(f"{when}:")
+        for qa in document.qa:
+            reply = answer(model, tokenizer, memory, qa.prompt, max_new_tokens=10).strip()
+            verdict = ("right" if qa.answer.strip() in reply else "wrong") if trained else "random weights"
+            echo(f"  {qa.prompt.splitlines()[0][len('Question: '):]:<48} -> {reply!r:<22} ({verdict})")
+
     # The first write into an empty pool fills all of it (tiling); start from a filled pool so the
-    # story is an ordinary write of K slots.
-    write("The harbour archive opens at nine and closes at five each day.")
-    story = "Mira keeps the spare key of the lighthouse under the third blue stone by the gate."
-    result = write(story, source="story")
-    echo(f"wrote the story: {result.tokens} tokens -> {result.slots_written} new slots in each of "
-         f"{memory.num_layers} layers (pool: {N} slots/layer, {K} per write)")
+    # facts are an ordinary write of K slots.
+    write(filler.passage(20, 45), source="warm-up")
+    result = write(document.text, source="facts")
+    echo(f"model: {model.config.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    echo(f"wrote the facts {document.text!r}: {result.tokens} tokens -> {result.slots_written} new slots in each of "
+         f"{memory.num_layers} layers (pool: {N} slots/layer, {K} per write)")  # fmt: skip
     echo(f"a slot survives t later writes with probability (1 - {K}/{N})^t; half-life ~{0.69 * N / K:.0f} writes")
+    ask("asked right after writing")
     for i in range(1, distractors + 1):
-        write(f"Distractor note {i}: the weather on day {i} was mild and dry.", source=f"distractor-{i}")
+        write(filler.passage(20, 45), source=f"distractor-{i}")
         if i in (1, 5, 10, 20, 40) or i == distractors:
             left = memory.surviving_slots().get(result.injection_id, 0) / memory.num_layers
-            echo(f"after {i:>3} distractors: {left:5.1f} of the story's slots per layer remain "
+            echo(f"after {i:>3} distractors: {left:5.1f} of the facts' slots per layer remain "
                  f"(expected {K * (1 - K / N) ** i:5.1f})")  # fmt: skip
-    prompt = tokenizer("The spare key is", add_special_tokens=False, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(prompt, memory=memory, max_new_tokens=12, do_sample=False)
-    echo(f"greedy continuation read from memory (random weights, so no real recall): {out[0, prompt.shape[1]:].tolist()}")
+        if i in ASK_AFTER:
+            ask(f"asked after {i} distractor passages")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "memory.safetensors"
         memory.save(path)

@@ -12,6 +12,11 @@ target's labelled tokens):
 
 Either way the new slots enter the pool detached afterwards (the state lives on across steps),
 so later episodes read a pool full of earlier, unrelated writes, as at inference time.
+
+An episode with no contexts is plain language modelling without memory (the document and the
+question in one prompt). A model trained from scratch needs it: it must first learn the language
+and to answer from context before it can learn to answer from memory, and keeps practising it
+alongside. Such episodes run together as one padded batch.
 The objective is an `nn.Module` so DDP (through `accelerate`) sees the whole step as its forward.
 """
 
@@ -46,6 +51,11 @@ class Episode:
     meta: dict = field(default_factory=dict)
 
     @property
+    def in_context(self) -> bool:
+        """No memory involved: the target is plain text (e.g. document + question + answer)."""
+        return not self.contexts
+
+    @property
     def write_with_grad(self) -> bool:
         return len(self.contexts) == 1 and self.answer_context == 0
 
@@ -69,7 +79,13 @@ class MemoryObjective(nn.Module):
         self.model = model
 
     def forward(self, episodes: list[Episode], states: list[MemoryState]) -> tuple[torch.Tensor, list[EpisodeResult]]:
-        results = [self.run_episode(episode, state) for episode, state in zip(episodes, states, strict=True)]
+        results: list[EpisodeResult | None] = [None] * len(episodes)
+        plain = [i for i, episode in enumerate(episodes) if episode.in_context]
+        for i, result in zip(plain, self.in_context_losses([episodes[i] for i in plain])):
+            results[i] = result
+        for i, (episode, state) in enumerate(zip(episodes, states, strict=True)):
+            if not episode.in_context:
+                results[i] = self.run_episode(episode, state)
         num_labels = max(1, sum(r.num_labels for r in results))
         return torch.stack([r.loss_sum for r in results]).sum() / num_labels, results
 
@@ -89,6 +105,24 @@ class MemoryObjective(nn.Module):
         ]
         loss_sum, count = self.target_loss(episode, memory=state)
         return EpisodeResult(loss_sum, count, ids)
+
+    def in_context_losses(self, episodes: list[Episode]) -> list[EpisodeResult]:
+        """Plain LM loss of in-context episodes, as one right-padded batch without memory."""
+        if not episodes:
+            return []
+        device = self.model.device
+        width = max(e.target.numel() for e in episodes)
+        ids = torch.zeros(len(episodes), width, dtype=torch.long, device=device)
+        labels = torch.full((len(episodes), width), IGNORE, dtype=torch.long, device=device)
+        mask = torch.zeros(len(episodes), width, dtype=torch.long, device=device)
+        for row, e in enumerate(episodes):
+            n = e.target.numel()
+            ids[row, :n], labels[row, :n], mask[row, :n] = e.target, e.labels, 1
+        logits = self.model(ids, attention_mask=mask, memory=None, use_cache=False).logits[:, :-1]
+        labels = labels[:, 1:]
+        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        counts = (labels != IGNORE).sum(dim=1).tolist()
+        return [EpisodeResult(losses[row].sum(), counts[row], []) for row in range(len(episodes))]
 
     def target_loss(self, episode: Episode, memory) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over the target's labelled positions."""

@@ -79,22 +79,24 @@ def build_tiny(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, Pre
 TINY = Preset(
     name="tiny",
     config=TrainingConfig(
-        # Pool = one write first (recall from [bos ; the fact's slots]), then bigger pools,
-        # filler distractors and retention steps (a pilot stayed at chance when starting big).
+        # From scratch the model first learns the language and to answer (and copy) in context; then
+        # to answer from memory: each episode's context alone in memory first, then bigger pools
+        # with older writes, distractors and retention steps. A share of in-context episodes stays
+        # throughout. (Starting with memory, the model stayed at chance: it had no language yet.)
         stages=[
-            Stage(350, num_blocks=1),
-            Stage(150, num_blocks=2, max_contexts=2),
-            Stage(150, num_blocks=4, max_contexts=3, retention=0.1),
-            Stage(250, num_blocks=8, max_contexts=6, retention=0.2),
+            Stage(3500, num_blocks=1, in_context=1.0),
+            Stage(800, num_blocks=1, reset_memory=1.0, in_context=0.2),
+            Stage(250, num_blocks=2, max_contexts=2, in_context=0.2),
+            Stage(250, num_blocks=8, max_contexts=4, retention=0.2, in_context=0.2),
         ],
         batch_size=12,
         lr=3e-3,
         warmup_steps=30,
-        min_lr_ratio=0.05,
+        min_lr_ratio=0.1,
         train_all=True,
-        log_every=10,
-        eval_every=225,
-        save_every=50,
+        log_every=25,
+        eval_every=0,
+        save_every=250,
     ),
     build=build_tiny,
     facts_per_document=(1, 2),

@@ -59,6 +59,23 @@ class FactTask:
     def distractor(self) -> torch.Tensor:
         return _ids(self.tokenizer, self.filler.passage(*self.filler_words))
 
+    def in_context_episode(self) -> Episode:
+        """The fact document, then one of its questions and the answer, as plain text (no memory).
+
+        Every token is scored: the document as language modelling, the question and the answer as
+        reading comprehension in context, the skill that reading from memory then reuses. With
+        probability `copy_fraction` the document is followed by itself instead (copying in context).
+        """
+        document = self.facts.document()
+        qa = self.rng.choice(document.qa)
+        text = _ids(self.tokenizer, document.text + "\n")
+        if self.rng.random() < self.copy_fraction:  # the document twice: dense practice in copying
+            target = torch.cat([text, text, torch.tensor([self.tokenizer.eos_token_id])])
+            return Episode([], target, target.clone(), answer_context=None, meta={"relation": "copy"})
+        target, _ = self.qa_target(qa.prompt, qa.answer)
+        target = torch.cat([text, target])
+        return Episode([], target, target.clone(), answer_context=None, meta={"relation": qa.relation})
+
     def episode(self, max_contexts: int) -> Episode:
         document = self.facts.document()
         qa = self.rng.choice(document.qa)
@@ -127,6 +144,14 @@ class CorpusTask:
 
     def distractor(self) -> torch.Tensor:
         return next(self._segments(self._next_document()), self._next_document())
+
+    def in_context_episode(self) -> Episode:
+        """A segment of the next document as plain language modelling (no memory)."""
+        for _ in range(100 * len(self.documents)):
+            segment = next(self._segments(self._next_document()), None)
+            if segment is not None:
+                return Episode([], segment, segment.clone(), answer_context=None)
+        raise ValueError(f"no document holds a segment of >= {self.min_segment} tokens")
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "position": self.position}

@@ -8,7 +8,9 @@ and are part of the checkpoint, so a resumed run continues exactly.
 
 Curriculum (`Stage`s): training memories start as small as one write (`num_blocks=1`: the pool
 holds only the newest context) with single-context episodes, then grow in pool size, contexts per
-episode and retention steps (re-asking an earlier target after unrelated writes).
+episode and retention steps (re-asking an earlier target after unrelated writes). A model trained
+from scratch first learns the language and in-context answering (`in_context=1.0`) and keeps a
+share of such episodes later.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Stage:
     num_blocks: int  # training pools hold num_blocks * K slots per layer
     max_contexts: int = 1  # episodes write 1..max_contexts contexts before the target
     retention: float = 0.0  # probability that an episode re-asks an earlier target
+    in_context: float = 0.0  # probability that an episode is plain LM without memory (from-scratch models)
+    reset_memory: float | None = None  # per-step chance a memory starts empty (None: the config's); 1.0 =
+    # every episode writes into an empty memory, so the target reads its context's slots alone
 
 
 @dataclass
@@ -103,7 +108,8 @@ class Trainer:
 
     Args:
         model: the MemoryLLM to train (in place).
-        task: gives `episode(max_contexts)`, `distractor()`, `state_dict()`, `load_state_dict()`;
+        task: gives `episode(max_contexts)`, `in_context_episode()`, `distractor()`, `state_dict()`,
+            `load_state_dict()`;
             made per process by `make_task(rank)` so processes draw different data.
         out_dir: checkpoints (`checkpoint/`), `metrics.jsonl` and the final model (`final/`).
         evaluate: optional `fn(model) -> dict` run on the main process every `eval_every` steps
@@ -142,11 +148,12 @@ class Trainer:
 
     def prepare_states(self, stage: Stage) -> None:
         size = stage.num_blocks * self.model.config.num_tokens
+        reset = self.config.reset_memory if stage.reset_memory is None else stage.reset_memory
         for i in range(self.config.batch_size):
             if (
                 i >= len(self.states)
                 or self.states[i].num_slots != size
-                or self.rng.random() < self.config.reset_memory
+                or self.rng.random() < reset
             ):
                 if i < len(self.states):
                     self.states[i] = self.new_state(stage.num_blocks, i)
@@ -155,7 +162,9 @@ class Trainer:
                 self.history[i].clear()
 
     def next_episode(self, i: int, stage: Stage) -> Episode:
-        """A fresh episode from the task, or (retention) an earlier target after unrelated writes."""
+        """A fresh episode from the task, an in-context one, or (retention) an earlier target after unrelated writes."""
+        if stage.in_context and self.rng.random() < stage.in_context:
+            return self.task.in_context_episode()
         if self.history[i] and self.rng.random() < stage.retention:
             injection_id, written, target, labels = self.rng.choice(self.history[i])
             survived = self.states[i].surviving_slots().get(injection_id, 0) / self.states[i].num_layers
