@@ -180,6 +180,5 @@ def test_the_trained_preset_recalls_facts_told_in_an_earlier_chat(tmp_path):
         first.send(document.text)
         first.close()  # the exchange leaves the window: written into the memory file
         later = ChatSession(model, tokenizer, open_memory(model, path), memory_path=path, max_new_tokens=12)
-        question = qa.prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
-        recalled.append(qa.answer.strip() in later.send(question).text)
+        recalled.append(qa.answer.strip() in later.send(qa.question).text)
     assert sum(recalled) >= 4, recalled  # a fresh memory without the fact gets ~0 of these

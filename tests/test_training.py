@@ -186,6 +186,12 @@ def test_tiny_preset_loads_and_is_a_few_megabytes():
     assert tokenizer("Code 4711", add_special_tokens=False).input_ids[-4:] == [
         tokenizer.convert_tokens_to_ids(d) for d in "4711"
     ]  # digits are single tokens
+    from latentmem.data.synthetic import QUESTION_FORMAT
+    from latentmem.training.presets import QA_CHAT_TEMPLATE
+
+    assert tokenizer.chat_template == QA_CHAT_TEMPLATE  # chats in the shape it was trained on
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == QUESTION_FORMAT.format(question="Who?")
 
 
 def test_tiny_preset_recalls_freshly_injected_heldout_facts():

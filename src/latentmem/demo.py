@@ -41,7 +41,7 @@ def run_demo(model: MemoryLLM | None = None, tokenizer=None, distractors: int = 
         for qa in document.qa:
             reply = answer(model, tokenizer, memory, qa.prompt, max_new_tokens=10).strip()
             verdict = ("right" if qa.answer.strip() in reply else "wrong") if trained else "random weights"
-            echo(f"  {qa.prompt.splitlines()[0][len('Question: '):]:<48} -> {reply!r:<22} ({verdict})")
+            echo(f"  {qa.question:<48} -> {reply!r:<22} ({verdict})")
 
     # The first write into an empty pool fills all of it (tiling); start from a filled pool so the
     # facts are an ordinary write of K slots.

@@ -16,7 +16,6 @@ import base64
 import hashlib
 import json
 import os
-import stat
 import shutil
 import tempfile
 import uuid
@@ -28,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
-from .ltm.files import fsync_dir
+from .ltm.files import fsync_dir, replacement_mode
 from .state import Injection, MemoryState
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def save_state(state: MemoryState, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates the file 0600: give it the mode of the file it replaces, or the umask's.
-        os.chmod(tmp, _file_mode(path))
+        os.chmod(tmp, replacement_mode(path, 0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -114,18 +113,6 @@ def _remove_stale_generations(path: Path, keep: str | None) -> None:
     for old in path.parent.glob(f"{path.name}.ltm-*"):
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _file_mode(path: Path) -> int:
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        pass
-    # Reading the umask means setting it: set a strict one meanwhile, so a racing thread's files
-    # come out too private rather than too open.
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -95,8 +95,12 @@ class QA:
     """A question whose answer is stated in a document: `prompt` then `answer` (leading space)."""
 
     relation: str
-    prompt: str
+    question: str
     answer: str
+
+    @property
+    def prompt(self) -> str:
+        return QUESTION_FORMAT.format(question=self.question)
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class FactGenerator:
             statement = self.rng.choice(self.templates(relation)).format(name=name, value=value)
             sentences.append(statement[0].upper() + statement[1:])
             question = self.rng.choice(relation.questions).format(name=name)
-            qa.append(QA(relation.name, QUESTION_FORMAT.format(question=question), " " + value))
+            qa.append(QA(relation.name, question, " " + value))
         return FactDocument(" ".join(sentences), tuple(qa), name)
 
 

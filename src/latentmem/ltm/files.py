@@ -57,7 +57,7 @@ def save_store(store: LongTermStore, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        os.chmod(tmp, _folder_mode(path))  # mkdtemp makes it 0700; match what it replaces, or the umask
+        os.chmod(tmp, replacement_mode(path, 0o777))  # mkdtemp makes it 0700; match what it replaces, or the umask
         layers = [_write_layer(memory, tmp / f"layer_{i:03d}") for i, memory in enumerate(store._layers)]
         manifest = {
             "format": FORMAT,
@@ -160,14 +160,18 @@ def _swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _folder_mode(path: Path) -> int:
+def replacement_mode(path: Path, default: int) -> int:
+    """Permissions for a file or folder about to replace `path`: those of `path`, else `default`
+    less the umask (what a plain create would give; temp files start private)."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         pass
-    umask = os.umask(0o077)  # reading the umask means setting it: a strict one meanwhile
+    # Reading the umask means setting it: set a strict one meanwhile, so a racing thread's files
+    # come out too private rather than too open.
+    umask = os.umask(0o077)
     os.umask(umask)
-    return 0o777 & ~umask
+    return default & ~umask
 
 
 def _backup(path: Path) -> Path:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ..modeling import MemoryLLM
 from ..pool import write_slots
@@ -79,13 +80,9 @@ class MemoryObjective(nn.Module):
         self.model = model
 
     def forward(self, episodes: list[Episode], states: list[MemoryState]) -> tuple[torch.Tensor, list[EpisodeResult]]:
-        results: list[EpisodeResult | None] = [None] * len(episodes)
-        plain = [i for i, episode in enumerate(episodes) if episode.in_context]
-        for i, result in zip(plain, self.in_context_losses([episodes[i] for i in plain])):
-            results[i] = result
-        for i, (episode, state) in enumerate(zip(episodes, states, strict=True)):
-            if not episode.in_context:
-                results[i] = self.run_episode(episode, state)
+        plain = iter(self.in_context_losses([e for e in episodes if e.in_context]))
+        results = [next(plain) if episode.in_context else self.run_episode(episode, state)
+                   for episode, state in zip(episodes, states, strict=True)]  # fmt: skip
         num_labels = max(1, sum(r.num_labels for r in results))
         return torch.stack([r.loss_sum for r in results]).sum() / num_labels, results
 
@@ -111,13 +108,10 @@ class MemoryObjective(nn.Module):
         if not episodes:
             return []
         device = self.model.device
-        width = max(e.target.numel() for e in episodes)
-        ids = torch.zeros(len(episodes), width, dtype=torch.long, device=device)
-        labels = torch.full((len(episodes), width), IGNORE, dtype=torch.long, device=device)
-        mask = torch.zeros(len(episodes), width, dtype=torch.long, device=device)
-        for row, e in enumerate(episodes):
-            n = e.target.numel()
-            ids[row, :n], labels[row, :n], mask[row, :n] = e.target, e.labels, 1
+        ids = pad_sequence([e.target for e in episodes], batch_first=True).to(device)
+        labels = pad_sequence([e.labels for e in episodes], batch_first=True, padding_value=IGNORE).to(device)
+        lengths = torch.tensor([e.target.numel() for e in episodes], device=device)
+        mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
         logits = self.model(ids, attention_mask=mask, memory=None, use_cache=False).logits[:, :-1]
         labels = labels[:, 1:]
         losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")

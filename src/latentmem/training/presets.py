@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from ..config import DEFAULT_LORA, MemoryLLMConfig
 from ..data.filler import filler_paragraphs
-from ..data.synthetic import FactGenerator
+from ..data.synthetic import QUESTION_FORMAT, FactGenerator
 from ..modeling import MemoryLLM
 from .recall import recall_accuracy
 from .tasks import FactTask
@@ -45,6 +45,15 @@ class Preset:
 
 
 # --- tiny: from scratch -----------------------------------------------------------------------
+_QUESTION, _ANSWER = QUESTION_FORMAT.split("{question}")  # "Question: ", "\nAnswer:"
+# A model trained only on fact QA chats in that shape: a user turn is a question, a reply its answer.
+QA_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}" + _QUESTION + "{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}" + _ANSWER.lstrip("\n") + " {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + _ANSWER.lstrip("\n") + "{% endif %}"
+)
+
+
 def tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """BPE trained on training-split fact documents, their questions and the stdlib filler."""
     facts = FactGenerator(seed + 7, "train")
@@ -52,7 +61,9 @@ def tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizer
     for _ in range(3000):
         document = facts.document()
         texts += [document.text] + [qa.prompt + qa.answer for qa in document.qa]
-    return train_bpe_tokenizer(texts + filler_paragraphs(source="stdlib"), vocab_size)
+    tokenizer = train_bpe_tokenizer(texts + filler_paragraphs(source="stdlib"), vocab_size)
+    tokenizer.chat_template = QA_CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, PreTrainedTokenizerFast]:

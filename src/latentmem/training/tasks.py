@@ -70,11 +70,10 @@ class FactTask:
         qa = self.rng.choice(document.qa)
         text = _ids(self.tokenizer, document.text + "\n")
         if self.rng.random() < self.copy_fraction:  # the document twice: dense practice in copying
-            target = torch.cat([text, text, torch.tensor([self.tokenizer.eos_token_id])])
-            return Episode([], target, target.clone(), answer_context=None, meta={"relation": "copy"})
-        target, _ = self.qa_target(qa.prompt, qa.answer)
-        target = torch.cat([text, target])
-        return Episode([], target, target.clone(), answer_context=None, meta={"relation": qa.relation})
+            target, relation = torch.cat([text, text, torch.tensor([self.tokenizer.eos_token_id])]), "copy"
+        else:
+            target, relation = torch.cat([text, self.qa_target(qa.prompt, qa.answer)[0]]), qa.relation
+        return Episode([], target, target.clone(), answer_context=None, meta={"relation": relation})
 
     def episode(self, max_contexts: int) -> Episode:
         document = self.facts.document()
