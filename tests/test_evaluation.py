@@ -188,6 +188,22 @@ def test_memory_method_injects_and_reset_gives_an_empty_memory(tiny):
     assert len(method.memory.injections) == 0
 
 
+def test_memory_at_model_runs_another_models_memory(tiny, tmp_path):
+    from latentmem.evaluation.methods import build_method
+    from latentmem.training.retriever import mplus_from
+
+    model, tokenizer = tiny
+    mplus = mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=8)
+    mplus.save_pretrained(tmp_path / "mplus")
+    tokenizer.save_pretrained(tmp_path / "mplus")
+    method = build_method(f"memory@{tmp_path / 'mplus'}", LM(model, tokenizer, max_new_tokens=3))
+    assert method.name == "mplus" and method.lm.model is not model and method.lm.max_new_tokens == 3
+    method.reset(0)
+    method.observe(FACT)
+    assert method.memory.ltm is not None and len(method.memory.injections) == 1
+    assert method.answer(QUESTION).prompt_tokens > 0
+
+
 def test_lm_window_leaves_room_for_the_answer(tiny):
     assert LM(*tiny, max_new_tokens=12).window == 4096 - 12
 

@@ -148,8 +148,8 @@ def test_inject_records_provenance():
     assert (state.ages[:, -8:] == 0).all()
 
 
-def test_write_token_shift_adds_the_previous_tokens_mapped_embedding():
-    model = make_model(write_token_shift=True)
+def test_token_shift_adds_the_previous_tokens_mapped_embedding_to_written_tokens():
+    model = make_model(token_shift=True)
     state = written_state(model)
     ids = random_ids(20, seed=4)
     model.adapters.activate("write")

@@ -208,7 +208,7 @@ def save_pretrained(model, path, layout: str = "native", memory: MemoryState | N
     if layout not in ("native", "official"):
         raise ValueError(f"layout must be 'native' or 'official', got {layout!r}")
     if layout == "official" and getattr(model, "token_shift", None) is not None:
-        raise ValueError("the official layout has no write token shift; save this model in the native layout")
+        raise ValueError("the official layout has no token shift; save this model in the native layout")
     if layout == "native" and memory is not None:
         raise ValueError("the native layout keeps memory out of the weights: use memory.save(path)")
     folder = Path(path)

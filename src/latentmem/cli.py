@@ -393,7 +393,7 @@ app.add_typer(eval_app, name="eval")
 @eval_app.command("retention")
 def eval_retention(
     model_path: str = MODEL,
-    methods: str = typer.Option("memory,replay,summary,rag,none", help="Comma-separated: memory, replay, summary, rag, none."),
+    methods: str = typer.Option("memory,replay,summary,rag,none", help="Comma-separated: memory, replay, summary, rag, none; memory@MODEL for another model's memory (e.g. memory@runs/tiny-mplus/final)."),
     dataset: str = typer.Option("synthetic", help="synthetic, nolima, or a local SQuAD / NaturalQuestions JSON or LongBench JSONL file."),
     samples: int = typer.Option(20, min=1, help="Questions per method."),
     checkpoints: str = typer.Option("0,1,2,5,10,20,50", help="Distractor counts after which the question is asked."),

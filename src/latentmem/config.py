@@ -29,9 +29,10 @@ class MemoryLLMConfig(PretrainedConfig):
             `default` adapter is active while writing. Without it `default` serves both.
         chunk_size: long texts are injected in chunks of at most this many tokens.
         min_context_tokens: shorter contexts are refused unless the caller allows them.
-        write_token_shift: while writing, add a learned map of the previous token's embedding to
-            each token's (off in the released models). Small models trained from scratch learn to
-            recall from memory far faster with it; reads are unchanged.
+        token_shift: add a learned map of the previous token's embedding to each token's input
+            embedding, in writes and reads alike (off in the released models). Small models trained
+            from scratch learn in-context and memory recall far faster with it (measured on the
+            tiny preset: in-context exact-hit 0.44 instead of 0.07 after the same 1,500 steps).
     """
 
     model_type = "latentmem_memoryllm"
@@ -48,10 +49,10 @@ class MemoryLLMConfig(PretrainedConfig):
         add_decoder_lora: bool = True,
         chunk_size: int = 512,
         min_context_tokens: int = 16,
-        write_token_shift: bool = False,
+        token_shift: bool = False,
         **kwargs: Any,
     ):
-        self.write_token_shift = write_token_shift
+        self.token_shift = token_shift
         if isinstance(backbone_config, dict):
             backbone_config = AutoConfig.for_model(**backbone_config)
         self.backbone_config = backbone_config

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -49,8 +50,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.bos_embedding = nn.Parameter(torch.randn(L, 1, d) * 0.02) if config.add_bos_embedding else None
         # Added to the last K positions of a layer's input while writing, marking "these become memory".
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
-        # Optional: written tokens also see the previous token's embedding (starts as a no-op).
-        self.token_shift = nn.Linear(d, d, bias=False) if config.write_token_shift else None
+        # Optional: every token also sees the previous token's embedding (starts as a no-op).
+        self.token_shift = nn.Linear(d, d, bias=False) if config.token_shift else None
         if self.token_shift is not None:
             nn.init.zeros_(self.token_shift.weight)
         self.adapters = AdapterSwitch(self.backbone, config.lora, config.add_decoder_lora)
@@ -69,6 +70,46 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.backbone.get_output_embeddings()
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        previous_token_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings `[B, n, d]` of `input_ids [B, n]`, token-shifted if the model has token shift.
+
+        With token shift, position t also gets `token_shift(embedding of token t-1)`. The first
+        position's previous token is `previous_token_ids [B]` (a continued sequence, e.g. a generation
+        step) or nothing; padding (`attention_mask` 0, the mask may cover earlier tokens too) counts as nothing.
+        """
+        embed_tokens = self.decoder.embed_tokens
+        hidden = embed_tokens(input_ids)
+        if self.token_shift is None:
+            return hidden
+        n = input_ids.shape[1]
+        first = embed_tokens(previous_token_ids)[:, None] if previous_token_ids is not None else None
+        previous = torch.cat([first if first is not None else torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -n - 1 :]  # the previous position's too, when the mask covers it
+            if real.shape[1] == n:
+                real = F.pad(real, (1, 0), value=int(previous_token_ids is not None))
+            previous = previous * real[:, :-1, None].to(previous.dtype)
+        return hidden + self.token_shift(previous)
+
+    def _embedded_inputs(self, input_ids, inputs_embeds, previous_token_ids, attention_mask):
+        """(input_ids, inputs_embeds) for the backbone: ids turned into shifted embeddings if needed."""
+        if self.token_shift is None or input_ids is None or inputs_embeds is not None:
+            return input_ids, inputs_embeds
+        return None, self.embed(input_ids, previous_token_ids, attention_mask)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        new_ids = inputs.get("input_ids")
+        # A generation step feeds only the new tokens; token shift needs the one before them.
+        if self.token_shift is not None and new_ids is not None and input_ids.shape[1] > new_ids.shape[1]:
+            inputs["previous_token_ids"] = input_ids[:, -new_ids.shape[1] - 1]
+        return inputs
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone initialises itself; this model adds only plain parameters set in __init__.
@@ -203,6 +244,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         memory: MemoryState | torch.Tensor | None = None,
         past_key_values=None,
+        previous_token_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal LM forward that reads `memory`; with `memory=None`, exactly the plain backbone.
@@ -212,9 +254,12 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
         `attention_mask` and `position_ids` describe the prompt only (positions count from its
         first token); the memory prefix is placed in front of them here. A `cache` passed back in
-        must come from a previous call with the same memory.
+        must come from a previous call with the same memory. `previous_token_ids [B]`: the token
+        before `input_ids` when continuing a cache (only models with token shift use it; `generate`
+        passes it).
         """
         cache = cache if cache is not None else past_key_values
+        input_ids, inputs_embeds = self._embedded_inputs(input_ids, inputs_embeds, previous_token_ids, attention_mask)
         common = dict(labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs)
         if memory is None:
             self.adapters.activate("base")

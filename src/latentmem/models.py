@@ -43,11 +43,19 @@ SPECIAL_TOKENS = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|
 def load_model(
     path: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None
 ) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
-    """(model, tokenizer) from a local folder, or the embedded default model for `path=None`."""
+    """(model, tokenizer) from a local folder, a shipped preset's name ("tiny"), or the default (`None`)."""
     if path is None:
         model, tokenizer = default_model()
         if dtype is not None or device is not None:
             model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    elif _is_shipped_preset(path):
+        from .presets import load_preset
+
+        model, tokenizer = load_preset(str(path), device=device)
+        model.config.name_or_path = f"latentmem-{path}"
+        if dtype is not None:
+            model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model, tokenizer
     else:
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
@@ -64,6 +72,17 @@ def load_model(
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     return model, tokenizer
+
+
+def _is_shipped_preset(path: str | Path) -> bool:
+    """A bare shipped preset name ("tiny") that is not also a local folder."""
+    if Path(path).expanduser().exists():
+        return False
+    try:
+        from .presets import SHIPPED
+    except ModuleNotFoundError:
+        return False
+    return str(path) in SHIPPED
 
 
 def default_model() -> tuple[MemoryLLM, PreTrainedTokenizerBase]:

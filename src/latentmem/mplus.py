@@ -122,6 +122,7 @@ class MPlus(MemoryLLM):
         logits_to_keep: int | torch.Tensor = 0,
         memory: MemoryState | torch.Tensor | None = None,
         past_key_values=None,
+        previous_token_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """As `MemoryLLM.forward`; a state with long-term slots also reads what the prompt retrieves."""
@@ -130,7 +131,7 @@ class MPlus(MemoryLLM):
         if count == 0:
             return super().forward(
                 input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, logits_to_keep,
-                memory, **kwargs,
+                memory, previous_token_ids=previous_token_ids, **kwargs,
             )  # fmt: skip
         self.check_state(memory)
         self.adapters.activate("read")
@@ -142,7 +143,8 @@ class MPlus(MemoryLLM):
             )
         # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
         prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
+        input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)
         return self.read_after_prefix(
             prefix_length, cache, input_ids, attention_mask, position_ids, use_cache,
-            labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=None, **kwargs,
+            labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip

@@ -47,10 +47,7 @@ def compute_new_slots(model: "MemoryLLM", state: MemoryState, input_ids: torch.T
     """
     decoder = model.decoder
     K = model.config.num_tokens
-    hidden = decoder.embed_tokens(input_ids.view(1, -1))  # h_0: [1, n, d]
-    if model.token_shift is not None:
-        previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
-        hidden = hidden + model.token_shift(previous)
+    hidden = model.embed(input_ids.view(1, -1))  # h_0: [1, n, d]
     n = hidden.shape[1]
     L, d = state.num_layers, state.shape[2]
 

@@ -268,7 +268,16 @@ METHODS = {"memory": MemoryMethod, "replay": ReplayMethod, "summary": SummaryMet
 
 
 def build_method(name: str, lm: LM, **options) -> Method:
-    """A method by name: memory, replay, summary, rag, none."""
+    """A method by name: memory, replay, summary, rag, none; or `memory@MODEL`.
+
+    `memory@MODEL` is latentmem memory on another model (a folder or a shipped preset's name, e.g.
+    `memory@runs/tiny-mplus/final`), so one run compares two models' memories on the same stream.
+    """
+    if name.startswith("memory@"):
+        from ..models import load_model
+
+        model, tokenizer = load_model(name.removeprefix("memory@"), device=str(lm.model.device))
+        return MemoryMethod(LM(model, tokenizer, max_new_tokens=lm.max_new_tokens), **options)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[name](lm, **options)

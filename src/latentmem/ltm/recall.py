@@ -45,10 +45,17 @@ def prefill_with_retrieval(
     labels: torch.Tensor | None = None,
     logits_to_keep: int = 0,
     use_cache: bool | None = True,
+    retrieve_fn=None,
 ) -> CausalLMOutputWithPast:
+    """The first pass over a prompt: per layer, retrieve, fill the cache with [bos ; retrieved ; STM], run the layer.
+
+    `retrieve_fn` (same signature as `retrieve`) replaces the retriever, e.g. in training, to put
+    the slots that answer the prompt in front of the model while the retriever still learns.
+    """
+    retrieve_fn = retrieve_fn or retrieve
     decoder = model.decoder
     batch, n = input_ids.shape
-    hidden = decoder.embed_tokens(input_ids)
+    hidden = model.embed(input_ids, attention_mask=attention_mask)
     num_bos = 1 if model.bos_embedding is not None else 0
     start = num_bos + count  # short-term slots sit behind bos and the retrieved slots
     if model.training and torch.is_grad_enabled():
@@ -71,7 +78,7 @@ def prefill_with_retrieval(
         heads = []
         for b in range(batch):
             tokens = normed[b] if real_tokens is None else normed[b, real_tokens[b]]
-            head = retrieve(model, state, i, tokens, count).to(hidden.dtype)
+            head = retrieve_fn(model, state, i, tokens, count).to(hidden.dtype)
             if num_bos:
                 head = torch.cat([model.bos_embedding[i].to(hidden.dtype), head])
             heads.append(head)

@@ -1,0 +1,267 @@
+"""Training M+ (SPEC §5, §7): the retriever finds the long-term slots that answer a question, and
+(co-training) the language model learns to answer from them.
+
+Start from a MemoryLLM already trained to read its memory (e.g. the `tiny` preset), turned into an
+M+ by `mplus_from`. By default only the per-layer retrievers learn; with `train_lm=True` the
+language model learns too, reading the answer's long-term slots (`answer_first_retrieval`). Training
+data is a long stream, as in real use: one memory takes a fact document and a few filler passages
+per step, so older documents' slots are evicted into long-term memory. Each step then asks a
+question about a document whose slots are in long-term memory and applies SPEC §5's balanced
+binary cross-entropy in every layer: that document's long-term slots are the positives, all other
+long-term slots the negatives. Queries come from the question's hidden states entering each layer
+(read with short-term memory, detached); keys are recomputed from the stored slots, so the
+gradient reaches both `query_proj` and `key_proj`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import MPlusConfig
+from ..data.filler import FillerStream, filler_paragraphs
+from ..data.synthetic import FactGenerator
+from ..ltm.recall import prefill_with_retrieval
+from ..ltm.retriever import retrieval_scores, retriever_loss
+from ..modeling import MemoryLLM
+from ..mplus import MPlus
+from ..state import MemoryState
+
+
+def mplus_from(model: MemoryLLM, seed: int = 0, **ltm_config) -> MPlus:
+    """An M+ holding `model`'s weights and fresh retrievers (initialised from `seed`).
+
+    `ltm_config`: `MPlusConfig` fields. Of the `num_blocks` blocks a read attends to,
+    `num_ltm_blocks` then come from long-term memory, so M+ reads as many slots as `model` does.
+    """
+    fields = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+        fields.pop(key, None)
+    with torch.random.fork_rng(devices=[]):  # seeded retrievers without touching the caller's RNG
+        torch.manual_seed(seed)
+        mplus = MPlus(MPlusConfig(**{**fields, **ltm_config}))
+    mplus = mplus.to(device=model.device, dtype=model.dtype)
+    missing, unexpected = mplus.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("retrievers.") for key in missing):
+        raise ValueError(f"weights do not fit the M+ model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    mplus.generation_config = model.generation_config
+    return mplus.eval()
+
+
+@dataclass
+class RetrieverStep:
+    loss: float  # retriever loss (+ the answer's LM loss when the language model trains too)
+    recall: float  # share of the answering document's long-term slots that the top R retrieves
+    ltm_slots: int  # long-term slots per layer the question was scored against
+
+
+@dataclass
+class Question:
+    """A question asked during a stream, the memory it is read from, and what answers it."""
+
+    memory: MemoryState
+    prompt_ids: torch.Tensor
+    answer_ids: torch.Tensor  # the answer and end-of-text
+    injection_id: int  # the injection holding the answer
+    in_ltm: bool  # whether some of its slots are in long-term memory
+
+
+def question_queries(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the retrieval queries `[n, h]` of a prompt (hidden states read with short-term memory)."""
+    with torch.no_grad():
+        out = MemoryLLM.forward(model, prompt_ids[None], memory=memory, output_hidden_states=True, use_cache=False)
+    return [
+        model.retrievers[i].queries(layer.input_layernorm(out.hidden_states[i][0]))
+        for i, layer in enumerate(model.decoder.layers)
+    ]
+
+
+def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int):
+    """Mean over layers of the retriever loss for a prompt answered by injection `injection_id`.
+
+    Returns (loss, recall of the top R, long-term slots per layer), or None when no layer holds a
+    long-term slot of that injection.
+    """
+    queries = question_queries(model, memory, prompt_ids)
+    losses, hits, positives, size = [], 0, 0, 0
+    count = model.config.retrieved_slots
+    for i, layer in enumerate(model.decoder.layers):
+        rows = memory.ltm.get(i, torch.arange(memory.ltm.size(i)))
+        positive = rows["sources"] == injection_id
+        if not positive.any():
+            continue
+        slots = rows["slots"].to(device=model.device, dtype=model.dtype)
+        keys = model.retrievers[i].keys(layer.input_layernorm(slots))
+        losses.append(retriever_loss(queries[i], keys, positive.to(model.device)))
+        with torch.no_grad():
+            top = retrieval_scores(queries[i], keys).topk(min(count, len(keys))).indices
+        hits += int(positive[top.cpu()].sum())
+        positives += int(positive.sum())
+        size = max(size, len(keys))
+    if not losses:
+        return None
+    return torch.stack(losses).mean(), hits / positives, size
+
+
+def question_stream(model: MPlus, tokenizer, *, split: str = "train", seed: int = 0, stream_length: int = 60,
+                    distractors_per_step: int = 3, fresh_fraction: float = 0.0,
+                    facts_per_document: tuple[int, int] = (1, 2),
+                    filler_words: tuple[int, int] = (20, 45)) -> Iterator[Question | None]:  # fmt: skip
+    """Endless steps of a fact stream: write a document and distractors, then yield a question.
+
+    Each step writes a document, yields (with probability `fresh_fraction`) a question about it at
+    once, writes `distractors_per_step` filler passages, then yields a question about a document
+    with slots in long-term memory (None while there is none). Every `stream_length` steps the
+    stream starts over with an empty memory (bounding the long-term store).
+    """
+    facts = FactGenerator(seed, split, facts_per_document)
+    filler = FillerStream(filler_paragraphs(source="stdlib"), seed + 1)
+    rng = random.Random(seed + 2)
+
+    def ask(memory, injection_id, document, in_ltm) -> Question:
+        qa = rng.choice(document.qa)
+        prompt = tokenizer(qa.prompt, add_special_tokens=False).input_ids
+        answer = tokenizer(qa.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        as_tensor = lambda ids: torch.tensor(ids, device=model.device)
+        return Question(memory, as_tensor(prompt), as_tensor(answer), injection_id, in_ltm)
+
+    step = 0
+    while True:
+        if step % stream_length == 0:
+            memory, history = model.new_memory(seed + step), []
+        step += 1
+        document = facts.document()
+        written = model.inject(memory, text=document.text, tokenizer=tokenizer, allow_short=True, source="fact")
+        history.append((written.injection_id, document))
+        if fresh_fraction and rng.random() < fresh_fraction:
+            yield ask(memory, written.injection_id, document, in_ltm=False)
+        for _ in range(distractors_per_step):
+            model.inject(memory, text=filler.passage(*filler_words), tokenizer=tokenizer, allow_short=True)
+        in_ltm = set(memory.ltm.get(0, torch.arange(memory.ltm.size(0)))["sources"].tolist())
+        candidates = [(i, d) for i, d in history if i in in_ltm]
+        yield ask(memory, *rng.choice(candidates), in_ltm=True) if candidates else None
+
+
+def answer_first_retrieval(injection_id: int, generator: torch.Generator):
+    """A `retrieve_fn` that returns the answering injection's long-term slots, topped up with random others.
+
+    Used while training the language model to read retrieved slots: it sees what a perfect
+    retriever would bring (oldest first, as a read orders them) before the learned one is good.
+    """
+
+    def choose(model: MPlus, state: MemoryState, layer: int, normed: torch.Tensor, count: int) -> torch.Tensor:
+        rows = state.ltm.get(layer, torch.arange(state.ltm.size(layer)))
+        answering = rows["sources"] == injection_id
+        others = (~answering).nonzero().flatten()
+        others = others[torch.randperm(len(others), generator=generator)]
+        chosen = torch.cat([answering.nonzero().flatten(), others])[:count]
+        chosen = chosen[torch.argsort(rows["ages"][chosen], descending=True, stable=True)]
+        return rows["slots"][chosen]
+
+    return choose
+
+
+def answer_loss(model: MPlus, question: Question, retrieve_fn=None) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens, read from the question's memory (with `retrieve_fn`)."""
+    ids = torch.cat([question.prompt_ids, question.answer_ids])[None]
+    count = model.retrieval_count(question.memory)
+    if count:
+        logits = prefill_with_retrieval(model, question.memory, ids, None, None, count, use_cache=False,
+                                        retrieve_fn=retrieve_fn).logits  # fmt: skip
+    else:
+        logits = model(ids, memory=question.memory, use_cache=False).logits
+    start = question.prompt_ids.numel() - 1  # the logit that predicts the first answer token
+    return F.cross_entropy(logits[0, start:-1].float(), question.answer_ids)
+
+
+def train_retriever(
+    model: MPlus,
+    tokenizer,
+    steps: int = 400,
+    *,
+    lr: float = 3e-3,
+    train_lm: bool = False,
+    lm_lr: float = 5e-4,
+    batch_size: int = 1,
+    fresh_fraction: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+    log=None,
+    **stream_options,
+) -> list[RetrieverStep]:
+    """Train `model.retrievers` in place on `batch_size` question streams; returns the per-step record.
+
+    With `train_lm=True` the language model trains too (co-training, SPEC §7): every question's
+    answer is also predicted reading `[bos ; retrieved ; STM]`, the retrieved slots chosen by
+    `answer_first_retrieval`, so the model learns to answer from long-term slots; `fresh_fraction`
+    of the questions are asked right after their document's write, so answering fresh memories
+    keeps being practised. Otherwise everything but the retrievers is frozen.
+    `log(record)` receives each step's numbers.
+    """
+    model.requires_grad_(train_lm)
+    model.retrievers.requires_grad_(True)
+    model.train(train_lm)
+    groups = [{"params": list(model.retrievers.parameters()), "lr": lr}]
+    if train_lm:
+        retriever_ids = {id(p) for p in groups[0]["params"]}
+        groups.append({"params": [p for p in model.parameters() if id(p) not in retriever_ids], "lr": lm_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    streams = [question_stream(model, tokenizer, split="train", seed=seed + 1000 * b,
+                               fresh_fraction=fresh_fraction if train_lm else 0.0, **stream_options)
+               for b in range(batch_size)]  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    records: list[RetrieverStep] = []
+    bar = tqdm(range(steps), desc="M+ training" if train_lm else "retriever", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        losses, recalls, size = [], [], 0
+        for question in (next(stream) for stream in streams):
+            if question is None:
+                continue
+            loss = None
+            if question.in_ltm:
+                result = retriever_step_loss(model, question.memory, question.prompt_ids, question.injection_id)
+                if result is not None:
+                    loss, recall, size = result[0], result[1], max(size, result[2])
+                    recalls.append(recall)
+            if train_lm:
+                lm_loss = answer_loss(model, question, answer_first_retrieval(question.injection_id, generator))
+                loss = lm_loss if loss is None else loss + lm_loss
+            if loss is not None:
+                (loss / batch_size).backward()
+                losses.append(loss.item())
+        if not losses:
+            continue
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = RetrieverStep(sum(losses) / len(losses), sum(recalls) / len(recalls) if recalls else float("nan"), size)
+        records.append(record)
+        recent = [r for r in records[-50:] if r.recall == r.recall]
+        bar.set_postfix(loss=f"{sum(r.loss for r in records[-50:]) / len(records[-50:]):.3f}",
+                        recall=f"{sum(r.recall for r in recent) / max(1, len(recent)):.2f}")  # fmt: skip
+        if log is not None:
+            log({"step": step + 1, "loss": record.loss, "retrieval_recall": record.recall, "ltm_slots": size})
+    model.requires_grad_(False)
+    model.eval()
+    return records
+
+
+@torch.no_grad()
+def evaluate_retriever(model: MPlus, tokenizer, questions: int = 40, seed: int = 10_000, **stream_options) -> dict:
+    """Held-out retrieval quality: loss, recall of the top R and its chance level (R / long-term slots)."""
+    stream = question_stream(model, tokenizer, split="heldout", seed=seed, **stream_options)
+    losses, recalls, chance = [], [], []
+    while len(losses) < questions:
+        question = next(stream)
+        result = retriever_step_loss(model, question.memory, question.prompt_ids, question.injection_id) if question else None
+        if result is not None:
+            losses.append(result[0].item())
+            recalls.append(result[1])
+            chance.append(min(1.0, model.config.retrieved_slots / result[2]))
+    mean = lambda values: round(sum(values) / len(values), 4)
+    return {"loss": mean(losses), "recall": mean(recalls), "chance": mean(chance), "questions": questions}

@@ -1,0 +1,107 @@
+"""M+ retriever training (training/retriever.py): only the retrievers learn, and they learn to find the answer's slots."""
+
+import json
+
+import torch
+
+from latentmem.models import untrained_model
+from latentmem.mplus import MPlus
+from latentmem.training.retriever import (
+    answer_first_retrieval,
+    evaluate_retriever,
+    mplus_from,
+    question_stream,
+    train_retriever,
+)
+
+STREAM = {"stream_length": 20}
+
+
+def small_mplus():
+    model, tokenizer = untrained_model(num_tokens=16, num_blocks=4)
+    return model, mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16), tokenizer
+
+
+def test_mplus_from_keeps_every_weight_and_reads_as_many_slots():
+    model, mplus, _ = small_mplus()
+    assert isinstance(mplus, MPlus)
+    weights = mplus.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+    assert mplus.config.memory_size + mplus.config.retrieved_slots == model.config.memory_size
+
+
+def test_questions_are_about_documents_in_long_term_memory():
+    _, mplus, tokenizer = small_mplus()
+    stream = question_stream(mplus, tokenizer, **STREAM)
+    asked = [q for q in (next(stream) for _ in range(12)) if q is not None]
+    assert asked
+    for question in asked[-3:]:
+        memory = question.memory
+        assert question.in_ltm and memory.injections[question.injection_id].source == "fact"
+        assert question.answer_ids[-1].item() == tokenizer.eos_token_id
+        for layer in range(memory.num_layers):
+            assert question.injection_id in memory.ltm.get(layer, torch.arange(memory.ltm.size(layer)))["sources"].tolist()
+
+
+def test_fresh_questions_come_right_after_their_document():
+    _, mplus, tokenizer = small_mplus()
+    stream = question_stream(mplus, tokenizer, fresh_fraction=1.0, **STREAM)
+    fresh = next(stream)
+    assert not fresh.in_ltm and fresh.injection_id == max(fresh.memory.injections)
+
+
+def test_answer_first_retrieval_puts_the_answers_long_term_slots_in_front_of_the_model():
+    _, mplus, tokenizer = small_mplus()
+    stream = question_stream(mplus, tokenizer, **STREAM)
+    question = next(q for q in stream if q is not None)
+    memory, count = question.memory, mplus.retrieval_count(question.memory)
+    choose = answer_first_retrieval(question.injection_id, torch.Generator().manual_seed(0))
+    for layer in range(memory.num_layers):
+        rows = memory.ltm.get(layer, torch.arange(memory.ltm.size(layer)))
+        answering = rows["slots"][rows["sources"] == question.injection_id]
+        chosen = choose(mplus, memory, layer, None, count)
+        assert len(chosen) == count
+        found = sum(bool((chosen == slot).all(dim=1).any()) for slot in answering[:count])
+        assert found == min(count, len(answering))
+
+
+def test_co_training_also_trains_the_language_model():
+    _, mplus, tokenizer = small_mplus()
+    before = {name: p.clone() for name, p in mplus.state_dict().items()}
+    records = train_retriever(mplus, tokenizer, steps=3, train_lm=True, batch_size=2, fresh_fraction=0.5,
+                              progress=False, **STREAM)  # fmt: skip
+    changed = {name for name, p in mplus.state_dict().items() if not torch.equal(p, before[name])}
+    assert records and any(n.startswith("retrievers.") for n in changed)
+    assert any(n.startswith("backbone.") for n in changed) and not mplus.training
+
+
+def test_retriever_training_changes_only_the_retrievers_and_finds_the_answers_slots():
+    _, mplus, tokenizer = small_mplus()
+    before = {name: p.clone() for name, p in mplus.state_dict().items()}
+    untrained = evaluate_retriever(mplus, tokenizer, questions=16, **STREAM)
+    train_retriever(mplus, tokenizer, steps=80, lr=3e-3, progress=False, **STREAM)
+    trained = evaluate_retriever(mplus, tokenizer, questions=16, **STREAM)
+    changed = {name for name, p in mplus.state_dict().items() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("retrievers.") for name in changed)
+    # Measured (held-out stream, seeded): loss 0.69 -> 0.51, recall of the top R 0.06 -> 0.16 (chance 0.06).
+    assert trained["loss"] < untrained["loss"] - 0.05
+    assert trained["recall"] > 1.5 * trained["chance"]
+
+
+def test_tiny_mplus_preset_runs_its_phases_and_saves_a_loadable_mplus(tmp_path, monkeypatch):
+    from latentmem.models import load_model
+    from latentmem.training import presets
+
+    model, tokenizer = untrained_model(num_tokens=16, num_blocks=4)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(presets, "TINY_MPLUS_LTM", {"num_ltm_blocks": 1, "selector_hidden_dim": 8})
+    monkeypatch.setattr(presets, "TINY_MPLUS_PHASES", (dict(steps=2, **STREAM), dict(steps=2, train_lm=True, **STREAM)))
+    final = presets.train_tiny_mplus(tmp_path / "run", base=tmp_path / "base", progress=False, eval_questions=2)
+    loaded, _ = load_model(final)
+    assert isinstance(loaded, MPlus) and loaded.config.num_ltm_blocks == 1
+    phases = {json.loads(line)["phase"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
+    assert phases <= {0, 1}
+    report = json.loads((tmp_path / "run" / "preset.json").read_text())
+    assert report["preset"] == "tiny-mplus" and 0 <= report["heldout_retrieval"]["recall"] <= 1
