@@ -88,8 +88,11 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if self.token_shift is None:
             return hidden
         n = input_ids.shape[1]
-        first = embed_tokens(previous_token_ids)[:, None] if previous_token_ids is not None else None
-        previous = torch.cat([first if first is not None else torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        if previous_token_ids is not None:
+            first = embed_tokens(previous_token_ids)[:, None]
+        else:
+            first = torch.zeros_like(hidden[:, :1])
+        previous = torch.cat([first, hidden[:, :-1]], dim=1)
         if attention_mask is not None and attention_mask.dim() == 2:
             real = attention_mask[:, -n - 1 :]  # the previous position's too, when the mask covers it
             if real.shape[1] == n:
