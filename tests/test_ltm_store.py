@@ -68,6 +68,15 @@ def test_add_then_get_returns_what_was_added(dtype):
     assert (store.size(0), store.size(1)) == (0, 5)
 
 
+def test_sources_lists_every_slots_injection_in_position_order():
+    store = filled(n_writes=3, k=4)
+    store.remove_sources([1])
+    for layer in range(store.num_layers):
+        everything = store.get(layer, torch.arange(store.size(layer)))
+        assert torch.equal(store.sources(layer), torch.as_tensor(everything["sources"]))
+        assert 1 not in store.sources(layer).tolist() and len(store.sources(layer)) == store.size(layer)
+
+
 def test_every_write_ages_every_slot_in_every_layer():
     store = LongTermStore(2, D, H)
     store.add(0, rows(2, D, 0), rows(2, H, 0), ids(0, 0))

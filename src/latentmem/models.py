@@ -44,34 +44,33 @@ def load_model(
     path: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None
 ) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a local folder, a shipped preset's name ("tiny"), or the default (`None`)."""
+    if path is not None and not _is_shipped_preset(path):
+        return _load_folder(Path(path).expanduser(), dtype, device)
     if path is None:
         model, tokenizer = default_model()
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    elif _is_shipped_preset(path):
+    else:
         from .presets import load_preset
 
-        model, tokenizer = load_preset(str(path), device=device)
-        model.config.name_or_path = f"latentmem-{path}"
-        if dtype is not None:
-            model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return model, tokenizer
-    else:
-        folder = Path(path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{folder} is not a model folder (no config.json); pass a latentmem folder saved with "
-                "save_pretrained or an official MemoryLLM checkpoint folder"
-            )
-        model = MemoryLLM.from_pretrained(folder, dtype=dtype, device=device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"{folder} has no usable tokenizer files ({err})") from err
-    model.eval()
+        model, tokenizer = load_preset(str(path))
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return model, tokenizer
+
+
+def _load_folder(folder: Path, dtype, device) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a model folder (no config.json); pass a latentmem folder saved with "
+            "save_pretrained or an official MemoryLLM checkpoint folder"
+        )
+    model = MemoryLLM.from_pretrained(folder, dtype=dtype, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{folder} has no usable tokenizer files ({err})") from err
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return model, tokenizer
+    return model.eval(), tokenizer
 
 
 def _is_shipped_preset(path: str | Path) -> bool:
@@ -101,7 +100,6 @@ def default_model() -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
     except FileNotFoundError as err:  # the preset's weights are not installed
         logger.warning("the trained default model is unavailable (%s); using %s", err, UNTRAINED_NAME)
         return untrained_model()
-    model.config.name_or_path = "latentmem-tiny"
     return model, tokenizer
 
 

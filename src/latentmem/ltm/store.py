@@ -72,6 +72,10 @@ class LongTermStore:
     def size(self, layer: int) -> int:
         return self._layer(layer).size
 
+    def sources(self, layer: int) -> torch.Tensor:
+        """The injection id of every slot in a layer, `[size]` in position order (no slots read)."""
+        return torch.from_numpy(np.array(self._layer(layer).record("sources")))
+
     def __repr__(self) -> str:
         sizes = [m.size for m in self._layers]
         return (

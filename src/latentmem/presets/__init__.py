@@ -36,7 +36,7 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str = "tiny", *, device: str | torch.device | None = None):
-    """Load a shipped preset: returns (MemoryLLM in eval mode, tokenizer)."""
+    """Load a shipped preset: returns (MemoryLLM in eval mode, named `latentmem-NAME`, tokenizer)."""
     from transformers import AutoTokenizer
 
     from ..modeling import MemoryLLM
@@ -45,7 +45,8 @@ def load_preset(name: str = "tiny", *, device: str | torch.device | None = None)
     if name in ADAPTER_PRESETS:
         from ..training.presets import load_smollm2_preset
 
-        return load_smollm2_preset(folder, device=device)
-    model = MemoryLLM.from_pretrained(folder, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, tokenizer = load_smollm2_preset(folder, device=device)
+    else:
+        model, tokenizer = MemoryLLM.from_pretrained(folder, device=device), AutoTokenizer.from_pretrained(folder)
+    model.config.name_or_path = f"latentmem-{name}"  # the name it is served and reported under
     return model.eval(), tokenizer

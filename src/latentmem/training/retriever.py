@@ -15,6 +15,7 @@ gradient reaches both `query_proj` and `key_proj`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ def question_stream(model: MPlus, tokenizer, *, split: str = "train", seed: int 
             yield ask(memory, written.injection_id, document, in_ltm=False)
         for _ in range(distractors_per_step):
             model.inject(memory, text=filler.passage(*filler_words), tokenizer=tokenizer, allow_short=True)
-        in_ltm = set(memory.ltm.get(0, torch.arange(memory.ltm.size(0)))["sources"].tolist())
+        in_ltm = set(memory.ltm.sources(0).tolist())
         candidates = [(i, d) for i, d in history if i in in_ltm]
         yield ask(memory, *rng.choice(candidates), in_ltm=True) if candidates else None
 
@@ -155,13 +156,11 @@ def answer_first_retrieval(injection_id: int, generator: torch.Generator):
     """
 
     def choose(model: MPlus, state: MemoryState, layer: int, normed: torch.Tensor, count: int) -> torch.Tensor:
-        rows = state.ltm.get(layer, torch.arange(state.ltm.size(layer)))
-        answering = rows["sources"] == injection_id
+        answering = state.ltm.sources(layer) == injection_id
         others = (~answering).nonzero().flatten()
         others = others[torch.randperm(len(others), generator=generator)]
-        chosen = torch.cat([answering.nonzero().flatten(), others])[:count]
-        chosen = chosen[torch.argsort(rows["ages"][chosen], descending=True, stable=True)]
-        return rows["slots"][chosen]
+        rows = state.ltm.get(layer, torch.cat([answering.nonzero().flatten(), others])[:count])  # only those read
+        return rows["slots"][torch.argsort(rows["ages"], descending=True, stable=True)]
 
     return choose
 
@@ -241,7 +240,7 @@ def train_retriever(
         optimizer.zero_grad(set_to_none=True)
         record = RetrieverStep(sum(losses) / len(losses), sum(recalls) / len(recalls) if recalls else float("nan"), size)
         records.append(record)
-        recent = [r for r in records[-50:] if r.recall == r.recall]
+        recent = [r for r in records[-50:] if not math.isnan(r.recall)]
         bar.set_postfix(loss=f"{sum(r.loss for r in records[-50:]) / len(records[-50:]):.3f}",
                         recall=f"{sum(r.recall for r in recent) / max(1, len(recent)):.2f}")  # fmt: skip
         if log is not None:
