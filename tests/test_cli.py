@@ -38,6 +38,12 @@ def test_demo_runs_and_reports_decay_and_a_faithful_reload():
     assert "after   5 distractors" in output and "identical = True" in output
 
 
+def test_demo_runs_on_the_model_it_is_given(model_dir):
+    output = invoke("demo", "--model", model_dir, "--distractors", "5")
+    assert "pool: 32 slots/layer, 8 per write" in output  # the folder's model (K=8, 4 blocks), not the default
+    assert "latentmem-tiny" not in output and "identical = True" in output
+
+
 def test_demo_story_decays_as_expected():
     lines = []
     memory = run_demo(*untrained_model(), distractors=10, echo=lines.append)

@@ -15,7 +15,7 @@ from latentmem.data import (
     load_documents,
     load_qa,
 )  # fmt: skip
-from latentmem.data.synthetic import QUESTION_FORMAT
+from latentmem.data.synthetic import QUESTION_FORMAT, answer_text, question_prompt
 
 
 def documents(seed: int, split: str = "train", n: int = 20):
@@ -73,6 +73,21 @@ def test_every_question_is_answered_by_its_document():
             assert document.entity in qa.prompt and qa.prompt.endswith("\nAnswer:")
             assert qa.prompt.startswith(QUESTION_FORMAT.split("{")[0])
             assert chance_level(qa.relation) < 0.11
+
+
+class ChatTokenizer:
+    chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>\n"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def test_questions_are_asked_in_the_models_chat_format():
+    assert question_prompt("Where was Orla born?") == "Question: Where was Orla born?\nAnswer:"
+    assert question_prompt("Where was Orla born?", ChatTokenizer()) == "<|user|>Where was Orla born?\n<|assistant|>\n"
+    assert answer_text("Question: Q\nAnswer:", " Karsk") == " Karsk"  # continues "Answer:" after a space
+    assert answer_text("<|assistant|>\n", " Karsk") == "Karsk"  # a reply starts its own line
 
 
 def test_filler_is_english_prose_and_available_offline():

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TextIteratorStreamer
-
-from latentmem import reading
-from latentmem.reading import PrefixedLayer, compute_memory_prefix
-
-from conftest import make_model, random_ids
+from conftest import LORA, backbone_config, make_model, random_ids, randomize_lora
 from reference import reference_greedy, reference_logits
+from transformers import AutoModelForCausalLM
+
+from latentmem import MemoryLLM, reading
+from latentmem.reading import PrefixedLayer, compute_memory_prefix
 
 FAMILIES = ["llama", "llama-linear-rope", "mistral", "qwen2"]
 ATOL = 1e-5
@@ -64,6 +63,26 @@ def test_no_memory_is_exactly_the_base_model():
         # ... also right after a read switched the adapters on
         model(ids, memory=filled_state(model, writes=1))
         assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_from_backbone_keeps_the_loaded_model_causal(family):
+    """Wrapping a loaded model keeps its attention backend: a reset one read future tokens."""
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(backbone_config(family)).eval()
+    ids = random_ids(8)
+    with torch.no_grad():
+        expected = backbone(ids).logits
+    model = MemoryLLM.from_backbone(backbone, num_tokens=4, num_blocks=2, lora=LORA).eval()
+    randomize_lora(model)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % backbone.config.vocab_size
+    memory = filled_state(model, writes=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=ATOL, rtol=0)
+        for read in (None, memory):  # earlier positions never see a later token
+            before, after = model(ids, memory=read).logits, model(changed, memory=read).logits
+            torch.testing.assert_close(after[:, :-1], before[:, :-1], atol=ATOL, rtol=0)
 
 
 def test_cached_memory_kv_equals_recomputation():

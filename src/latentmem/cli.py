@@ -18,7 +18,9 @@ memory_app = typer.Typer(help="Inspect and manage saved memory files.", no_args_
 app.add_typer(memory_app, name="memory")
 
 MODEL = typer.Option(
-    None, "--model", "-m", help="Local model folder (latentmem or official MemoryLLM); default: the embedded model."
+    None, "--model", "-m",
+    help="Local model folder (latentmem or official MemoryLLM) or a shipped preset's name (tiny, smollm2-135m); "
+    "default: the embedded model.",
 )
 HELP = """/memory          the sources in memory and how many of their slots survive
 /forget SOURCE   remove every slot a source wrote so far
@@ -44,7 +46,7 @@ def _load(model_path: str | None):
 
     try:
         model, tokenizer = load_model(model_path, **PLACEMENT)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # missing files, weights or base package
         _fail(str(err))
     if is_untrained(model):
         typer.echo(f"note: {UNTRAINED_NOTE}", err=True)
@@ -74,11 +76,15 @@ def _fail(message: str) -> None:
 
 
 @app.command()
-def demo(distractors: int = typer.Option(40, min=1, help="Unrelated writes after the story.")) -> None:
+def demo(
+    model_path: str = MODEL,
+    distractors: int = typer.Option(40, min=1, help="Unrelated writes after the story."),
+) -> None:
     """Write a story into memory, bury it under distractors, read, save and reload the memory."""
     from .demo import run_demo
 
-    run_demo(distractors=distractors, echo=typer.echo)
+    model, tokenizer = _load(model_path) if model_path is not None else (None, None)
+    run_demo(model, tokenizer, distractors=distractors, echo=typer.echo)
 
 
 @app.command()

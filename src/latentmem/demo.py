@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .data.filler import FillerStream, filler_paragraphs
-from .data.synthetic import FactGenerator
+from .data.synthetic import FactGenerator, question_prompt
 from .modeling import MemoryLLM
 from .models import default_model, is_untrained
 from .state import MemoryState
@@ -39,7 +39,7 @@ def run_demo(model: MemoryLLM | None = None, tokenizer=None, distractors: int = 
     def ask(when: str) -> None:
         echo(f"{when}:")
         for qa in document.qa:
-            reply = answer(model, tokenizer, memory, qa.prompt, max_new_tokens=10).strip()
+            reply = answer(model, tokenizer, memory, question_prompt(qa.question, tokenizer), max_new_tokens=10).strip()
             verdict = ("right" if qa.answer.strip() in reply else "wrong") if trained else "random weights"
             echo(f"  {qa.question:<48} -> {reply!r:<22} ({verdict})")
 

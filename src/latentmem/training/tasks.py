@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..data.filler import FillerStream
-from ..data.synthetic import FactGenerator
+from ..data.synthetic import FactGenerator, answer_text, question_prompt
 from .objective import IGNORE, Episode
 
 
@@ -49,9 +49,12 @@ class FactTask:
         self.score_question = score_question
         self.copy_fraction = copy_fraction
 
-    def qa_target(self, prompt: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def qa_target(self, qa) -> tuple[torch.Tensor, torch.Tensor]:
+        """A question in the model's prompt format, then its answer and the end token."""
+        prompt = question_prompt(qa.question, self.tokenizer)
         prompt_ids = _ids(self.tokenizer, prompt)
-        answer_ids = torch.cat([_ids(self.tokenizer, answer), torch.tensor([self.tokenizer.eos_token_id])])
+        answer_ids = _ids(self.tokenizer, answer_text(prompt, qa.answer))
+        answer_ids = torch.cat([answer_ids, torch.tensor([self.tokenizer.eos_token_id])])
         target = torch.cat([prompt_ids, answer_ids])
         labels = torch.cat([prompt_ids if self.score_question else torch.full_like(prompt_ids, IGNORE), answer_ids])
         return target, labels
@@ -72,7 +75,7 @@ class FactTask:
         if self.rng.random() < self.copy_fraction:  # the document twice: dense practice in copying
             target, relation = torch.cat([text, text, torch.tensor([self.tokenizer.eos_token_id])]), "copy"
         else:
-            target, relation = torch.cat([text, self.qa_target(qa.prompt, qa.answer)[0]]), qa.relation
+            target, relation = torch.cat([text, self.qa_target(qa)[0]]), qa.relation
         return Episode([], target, target.clone(), answer_context=None, meta={"relation": relation})
 
     def episode(self, max_contexts: int) -> Episode:
@@ -86,7 +89,7 @@ class FactTask:
         if copy:
             target = torch.cat([_ids(self.tokenizer, document.text), torch.tensor([self.tokenizer.eos_token_id])])
             return Episode(contexts, target, target.clone(), answer_context=where, meta={"relation": "copy"})
-        target, labels = self.qa_target(qa.prompt, qa.answer)
+        target, labels = self.qa_target(qa)
         return Episode(contexts, target, labels, answer_context=where, meta={"relation": qa.relation})
 
     def state_dict(self) -> dict:
