@@ -6,7 +6,7 @@ from conftest import LORA, backbone_config, make_model, random_ids, randomize_lo
 from reference import reference_greedy, reference_logits
 from transformers import AutoModelForCausalLM
 
-from latentmem import MemoryLLM, reading
+from latentmem import MemoryLLM, MemoryLLMConfig, reading
 from latentmem.reading import PrefixedLayer, compute_memory_prefix
 
 FAMILIES = ["llama", "llama-linear-rope", "mistral", "qwen2"]
@@ -73,6 +73,8 @@ def test_from_backbone_keeps_the_loaded_model_causal(family):
     ids = random_ids(8)
     with torch.no_grad():
         expected = backbone(ids).logits
+    MemoryLLMConfig(backbone_config=backbone.config)  # building a config leaves the model's own alone
+    assert backbone.config._attn_implementation == "sdpa"
     model = MemoryLLM.from_backbone(backbone, num_tokens=4, num_blocks=2, lora=LORA).eval()
     randomize_lora(model)
     changed = ids.clone()

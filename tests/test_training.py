@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL, make_model, random_ids
+from transformers import LlamaConfig
 
 from latentmem.state import MemoryState
 from latentmem.training import Episode, MemoryObjective, Stage, Trainer, TrainingConfig, trainable_parameters
@@ -248,6 +249,21 @@ def test_smollm2_preset_ships_only_its_memory_adapter():
     layers = {int(name.split(".layers.")[1].split(".")[0]) for name in lora}
     assert layers == set(range(30))
     assert any(".default." in name for name in lora) and any(".decoder_adapter." in name for name in lora)
+
+
+def test_the_base_model_cache_is_written_whole_or_not_at_all(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from latentmem.models import byte_tokenizer
+    from latentmem.training.presets import _save_atomically
+
+    backbone = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL))
+    folder = tmp_path / "cache" / "base"
+    _save_atomically(backbone, byte_tokenizer(), folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), backbone.state_dict().values()))
+    _save_atomically(backbone, byte_tokenizer(), folder)  # already there: a warning, nothing half-written
+    assert [p.name for p in folder.parent.iterdir()] == ["base"]
 
 
 @pytest.mark.slow

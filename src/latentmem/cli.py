@@ -83,8 +83,7 @@ def demo(
     """Write a story into memory, bury it under distractors, read, save and reload the memory."""
     from .demo import run_demo
 
-    model, tokenizer = _load(model_path) if model_path is not None else (None, None)
-    run_demo(model, tokenizer, distractors=distractors, echo=typer.echo)
+    run_demo(*_load(model_path), distractors=distractors, echo=typer.echo)
 
 
 @app.command()

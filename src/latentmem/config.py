@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -55,6 +56,10 @@ class MemoryLLMConfig(PretrainedConfig):
         self.token_shift = token_shift
         if isinstance(backbone_config, dict):
             backbone_config = AutoConfig.for_model(**backbone_config)
+        elif backbone_config is not None:
+            # A copy: PretrainedConfig.__init__ resets its sub-configs' attention backend, and a
+            # loaded model's config passed in here must keep its own (None means no causal mask).
+            backbone_config = copy.deepcopy(backbone_config)
         self.backbone_config = backbone_config
         self.num_tokens = num_tokens
         self.num_blocks = num_blocks

@@ -12,7 +12,6 @@ embedding and two LoRA adapters. Memory lives in `MemoryState` objects that call
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -43,9 +42,6 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MemoryLLMConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
-        if backbone is not None and backbone.config._attn_implementation is None:
-            # A backend of None has no causal mask (every token would see the future); see from_backbone.
-            backbone.set_attn_implementation("sdpa")
         self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_config(config.backbone_config)
         use_folded_gqa_attention(self.backbone)
         config.backbone_config = self.backbone.config
@@ -308,9 +304,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_backbone(cls, backbone: PreTrainedModel, **memory_config) -> "MemoryLLM":
         """Wrap an already loaded causal LM (e.g. `AutoModelForCausalLM.from_pretrained(path)`)."""
-        # A copy: building a config resets its sub-configs' attention backend to None, and the
-        # backbone must keep its own (see test_from_backbone_keeps_the_loaded_model_causal).
-        config = MemoryLLMConfig(backbone_config=copy.deepcopy(backbone.config), **memory_config)
+        config = MemoryLLMConfig(backbone_config=backbone.config, **memory_config)
         return cls(config, backbone=backbone).to(device=backbone.device, dtype=backbone.dtype)
 
     @classmethod

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -172,15 +173,22 @@ def load_smollm2_backbone(dtype: torch.dtype = torch.float32) -> tuple[LlamaForC
 
 def _save_atomically(backbone, tokenizer, folder: Path) -> None:
     """Save into a temporary sibling folder, then rename: an interrupted save leaves no half cache."""
+    from ..ltm.files import replacement_mode
+
+    tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-            backbone.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, folder)
-            os.mkdir(tmp)  # TemporaryDirectory removes its folder on exit
-    except OSError as err:  # a read-only home or a full disk: loading still works, only slower
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        os.chmod(tmp, replacement_mode(folder, 0o777))  # mkdtemp makes it 0700
+        backbone.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)
+        tmp = None
+    except OSError as err:  # a read-only home, a full disk, another process first: loading still works
         logger.warning("could not cache the dequantized SmolLM2 in %s (%s)", folder, err)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_smollm2(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, object]:

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 from ..config import MPlusConfig
 from ..data.filler import FillerStream, filler_paragraphs
-from ..data.synthetic import FactGenerator, answer_text, question_prompt
+from ..data.synthetic import FactGenerator
 from ..ltm.recall import prefill_with_retrieval
 from ..ltm.retriever import retrieval_scores, retriever_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
 from ..state import MemoryState
+from .tasks import qa_ids
 
 
 def mplus_from(model: MemoryLLM, seed: int = 0, **ltm_config) -> MPlus:
@@ -92,11 +93,10 @@ def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Ten
     losses, hits, positives, size = [], 0, 0, 0
     count = model.config.retrieved_slots
     for i, layer in enumerate(model.decoder.layers):
-        rows = memory.ltm.get(i, torch.arange(memory.ltm.size(i)))
-        positive = rows["sources"] == injection_id
-        if not positive.any():
+        positive = memory.ltm.sources(i) == injection_id
+        if not positive.any():  # decided before any slot is read
             continue
-        slots = rows["slots"].to(device=model.device, dtype=model.dtype)
+        slots = memory.ltm.get(i, torch.arange(len(positive)))["slots"].to(device=model.device, dtype=model.dtype)
         keys = model.retrievers[i].keys(layer.input_layernorm(slots))
         losses.append(retriever_loss(queries[i], keys, positive.to(model.device)))
         with torch.no_grad():
@@ -125,12 +125,8 @@ def question_stream(model: MPlus, tokenizer, *, split: str = "train", seed: int 
     rng = random.Random(seed + 2)
 
     def ask(memory, injection_id, document, in_ltm) -> Question:
-        qa = rng.choice(document.qa)
-        text = question_prompt(qa.question, tokenizer)
-        prompt = tokenizer(text, add_special_tokens=False).input_ids
-        answer = tokenizer(answer_text(text, qa.answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        as_tensor = lambda ids: torch.tensor(ids, device=model.device)
-        return Question(memory, as_tensor(prompt), as_tensor(answer), injection_id, in_ltm)
+        prompt, answer = qa_ids(tokenizer, rng.choice(document.qa))
+        return Question(memory, prompt.to(model.device), answer.to(model.device), injection_id, in_ltm)
 
     step = 0
     while True:

@@ -20,6 +20,13 @@ def _ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
 
+def qa_ids(tokenizer, qa) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, answer ids): the question in the model's prompt format; the answer, then the end token."""
+    prompt = question_prompt(qa.question, tokenizer)
+    answer = torch.cat([_ids(tokenizer, answer_text(prompt, qa.answer)), torch.tensor([tokenizer.eos_token_id])])
+    return _ids(tokenizer, prompt), answer
+
+
 class FactTask:
     """Episodes: a fact document among 0..m-1 filler passages; target = a question and its answer.
 
@@ -51,10 +58,7 @@ class FactTask:
 
     def qa_target(self, qa) -> tuple[torch.Tensor, torch.Tensor]:
         """A question in the model's prompt format, then its answer and the end token."""
-        prompt = question_prompt(qa.question, self.tokenizer)
-        prompt_ids = _ids(self.tokenizer, prompt)
-        answer_ids = _ids(self.tokenizer, answer_text(prompt, qa.answer))
-        answer_ids = torch.cat([answer_ids, torch.tensor([self.tokenizer.eos_token_id])])
+        prompt_ids, answer_ids = qa_ids(self.tokenizer, qa)
         target = torch.cat([prompt_ids, answer_ids])
         labels = torch.cat([prompt_ids if self.score_question else torch.full_like(prompt_ids, IGNORE), answer_ids])
         return target, labels
