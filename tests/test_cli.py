@@ -149,8 +149,10 @@ def test_train_passes_its_options_to_the_preset_trainer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_preset", fake)
     output = invoke("train", "--preset", "tiny", "--out", tmp_path, "--max-minutes", "2", "--set", "batch_size=8")
-    expected = {"max_minutes": 2.0, "resume": False, "seed": 0, "num_threads": None, "batch_size": 8}
+    expected = {"max_minutes": 2.0, "resume": False, "init": None, "seed": 0, "num_threads": None, "batch_size": 8}
     assert calls == [("tiny", tmp_path, expected)] and f"--model {tmp_path / 'final'}" in output
+    invoke("train", "--preset", "smollm2-135m", "--out", tmp_path, "--init", tmp_path / "adapter")
+    assert calls[-1][2]["init"] == tmp_path / "adapter"
 
 
 def test_serve_builds_the_app_from_its_options(tmp_path, model_dir, monkeypatch):

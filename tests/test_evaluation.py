@@ -17,7 +17,8 @@ from latentmem.evaluation.datasets import NOLIMA_FACT
 from latentmem.models import untrained_model
 
 FACT = "Ada Moss keeps her bicycle in locker 17, and the locker code is 4711."
-QUESTION = "Question: What is the locker code of Ada Moss?\nAnswer:"
+QUESTION = "What is the locker code of Ada Moss?"
+PROMPT = "Question: What is the locker code of Ada Moss?\nAnswer:"  # how a model without a chat template is asked
 FILLER = [f"Paragraph {i} is about weather, rivers, trains and harvests in a quiet valley." for i in range(30)]
 
 
@@ -26,6 +27,8 @@ class ScriptedLM:
     "summarises" by keeping every 4-digit code it sees."""
 
     window = 2000
+    tokenizer = None  # no chat template: LM.ask gives the plain "Question: ...\nAnswer:" prompt
+    ask = LM.ask
 
     def encode(self, text):
         return [ord(c) for c in text]
@@ -148,20 +151,20 @@ def test_replay_truncates_from_the_left_to_the_window():
     for text in [FACT, *FILLER[:10]]:
         method.observe(text)
     reply = method.answer(QUESTION)
-    assert reply.prompt_tokens == 200 and method.last_prompt.endswith(QUESTION)
+    assert reply.prompt_tokens == 200 and method.last_prompt.endswith(PROMPT)
     assert "4711" not in method.last_prompt and FILLER[9] in method.last_prompt
 
 
 def test_no_memory_answers_from_the_question_alone():
     method = NoMemoryMethod(ScriptedLM())
     reply = stream(method)
-    assert method.last_prompt == QUESTION and not exact_hit(reply.text, ["4711"])
+    assert method.last_prompt == PROMPT and not exact_hit(reply.text, ["4711"])
 
 
 def test_rag_retrieves_the_chunk_holding_the_fact():
     method = RAGMethod(ScriptedLM(), embedder=bag_of_words, top_k=1, chunk_words=64)
     reply = stream(method)
-    assert method.last_prompt == FACT + "\n" + QUESTION and exact_hit(reply.text, ["4711"])
+    assert method.last_prompt == FACT + "\n" + PROMPT and exact_hit(reply.text, ["4711"])
 
 
 def test_summary_keeps_the_fact_through_rolling_summaries():
@@ -183,7 +186,8 @@ def test_memory_method_injects_and_reset_gives_an_empty_memory(tiny):
     method.observe(FILLER[0])
     assert len(method.memory.injections) == 2
     reply = method.answer(QUESTION)
-    assert reply.prompt_tokens == len(QUESTION.encode()) and reply.latency_s > 0  # byte tokenizer
+    assert method.last_prompt == method.lm.ask(QUESTION)  # the question in the tokenizer's chat format
+    assert reply.prompt_tokens == method.lm.count(method.last_prompt) and reply.latency_s > 0
     method.reset(1)
     assert len(method.memory.injections) == 0
 
@@ -245,7 +249,7 @@ def test_minilm_embedder_ranks_the_relevant_chunk_first():
 def test_synthetic_samples_are_deterministic_and_answerable():
     a, b = synthetic_samples(3, 4, filler=FILLER), synthetic_samples(3, 4, filler=FILLER)
     assert a == b and len(a[0].distractors) == 4
-    assert all(s.answers[0] in s.context and s.question.startswith("Question:") for s in a)
+    assert all(s.answers[0] in s.context and s.question.endswith("?") for s in a)
 
 
 def test_nolima_question_shares_no_content_word_with_the_fact():
@@ -276,7 +280,7 @@ def test_naturalquestions_and_longbench_loaders(tmp_path):
     assert [r[2] for r in load_qa_file(lb)] == [("a0",), ("a1",), ("a2",)]
     samples = file_samples(lb, 2, 2, filler=FILLER)
     assert all(s.context not in s.distractors and len(s.distractors) == 2 for s in samples)
-    assert samples[0].question.startswith("Question: q")
+    assert samples[0].question.startswith("q")
 
 
 def test_loader_says_when_a_file_holds_nothing_usable(tmp_path):
@@ -284,3 +288,20 @@ def test_loader_says_when_a_file_holds_nothing_usable(tmp_path):
     path.write_text(json.dumps({"text": "no questions here"}))
     with pytest.raises(ValueError, match="no answerable"):
         load_qa_file(path)
+
+
+def test_methods_ask_in_the_models_chat_format_after_their_context(tiny):
+    import copy
+
+    model, tokenizer = tiny
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<bot>"
+    lm = LM(model, chat, max_new_tokens=2)
+    asked = f"<user>{QUESTION}</user><bot>"
+    assert lm.ask(QUESTION) == asked and lm.ask(QUESTION, ["a", "b"]) == f"a\nb\n{asked}"
+    for method, expected in ((NoMemoryMethod(lm), asked), (ReplayMethod(lm), f"{FACT}\n{asked}"),
+                             (MemoryMethod(lm), asked)):  # fmt: skip
+        method.reset(0)
+        method.observe(FACT)
+        method.answer(QUESTION)
+        assert method.last_prompt == expected, method.name

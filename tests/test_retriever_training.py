@@ -105,3 +105,42 @@ def test_tiny_mplus_preset_runs_its_phases_and_saves_a_loadable_mplus(tmp_path, 
     assert phases <= {0, 1}
     report = json.loads((tmp_path / "run" / "preset.json").read_text())
     assert report["preset"] == "tiny-mplus" and 0 <= report["heldout_retrieval"]["recall"] <= 1
+
+
+def _question_in_ltm(mplus, tokenizer):
+    stream = question_stream(mplus, tokenizer, **STREAM)
+    for _ in range(12):  # a few steps, so long-term memory holds several documents' slots
+        question = next(stream)
+    assert question is not None and question.in_ltm
+    return question
+
+
+def test_sampled_negatives_read_a_bounded_number_of_slots_and_estimate_the_full_loss(monkeypatch):
+    from latentmem.training.retriever import retriever_step_loss
+
+    _, mplus, tokenizer = small_mplus()
+    q = _question_in_ltm(mplus, tokenizer)
+    memory, args = q.memory, (mplus, q.memory, q.prompt_ids, q.injection_id)
+    full_loss, full_recall, size = retriever_step_loss(*args)
+    # Enough negatives to take them all: the very same computation.
+    same = retriever_step_loss(*args, negatives=size)
+    assert torch.equal(same[0], full_loss) and same[1:] == (full_recall, size)
+
+    read = []
+    original_get = type(memory.ltm).get
+    def counting_get(self, layer, rows):
+        read.append(len(rows))
+        return original_get(self, layer, rows)
+
+    monkeypatch.setattr(type(memory.ltm), "get", counting_get)
+    generator = torch.Generator().manual_seed(0)
+    loss, recall, sampled_size = retriever_step_loss(*args, negatives=4, generator=generator)
+    answering = [int((memory.ltm.sources(i) == q.injection_id).sum()) for i in range(memory.num_layers)]
+    assert read == [n + 4 for n in answering if n] and sampled_size == size and 0 <= recall <= 1
+    loss.backward()
+    for retriever in mplus.retrievers:  # both sides of the score learn from the sample
+        assert retriever.key_proj[0].weight.grad.abs().sum() > 0 and retriever.query_proj[0].weight.grad.abs().sum() > 0
+    monkeypatch.undo()
+    with torch.no_grad():  # unbiased: the mean over many draws approaches the full loss
+        draws = [retriever_step_loss(*args, negatives=4, generator=generator)[0] for _ in range(50)]
+    assert abs(torch.stack(draws).mean() - full_loss) < 0.03 * full_loss

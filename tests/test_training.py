@@ -346,3 +346,46 @@ def test_smollm2_preset_builds_and_takes_training_steps(tmp_path):
     model = MemoryLLM.from_pretrained(final)
     trained = {n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
     assert trained  # LoRA B starts at zero: the steps moved it
+
+
+def test_a_saved_memory_adapter_loads_into_a_fresh_model_and_checks_its_shape(tmp_path):
+    from latentmem.models import untrained_model
+    from latentmem.training.presets import load_memory_adapter, save_memory_adapter
+
+    trained, _ = untrained_model(num_tokens=8, num_blocks=4)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name or name in ("bos_embedding", "new_memory_positional_emb"):
+                p.normal_()
+    save_memory_adapter(trained, tmp_path, dtype=torch.float32)
+    fresh, _ = untrained_model(num_tokens=8, num_blocks=4)
+    load_memory_adapter(fresh, tmp_path)
+    assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.named_parameters())
+    with pytest.raises(ValueError, match="blocks"):
+        load_memory_adapter(untrained_model(num_tokens=8, num_blocks=2)[0], tmp_path)
+    with pytest.raises(FileNotFoundError, match="memory_adapter"):
+        load_memory_adapter(fresh, tmp_path / "missing")
+
+
+def test_train_preset_starts_from_a_given_adapter(tmp_path, monkeypatch):
+    from latentmem.models import untrained_model
+    from latentmem.training import presets
+
+    model, tokenizer = untrained_model(num_tokens=8, num_blocks=4)
+    with torch.no_grad():
+        model.bos_embedding.fill_(0.5)
+    presets.save_memory_adapter(model, tmp_path / "start", dtype=torch.float32)
+    built = []
+
+    def build(preset, out_dir, seed):  # a small stand-in for SmolLM2: fresh memory path, frozen base
+        fresh, tok = untrained_model(num_tokens=8, num_blocks=4)
+        built.append(fresh)
+        return fresh, tok
+
+    monkeypatch.setattr(presets.SMOLLM2, "build", build)
+    seen = []
+    monkeypatch.setattr(presets.Trainer, "train", lambda self, resume=False: seen.append(self.model.bos_embedding.clone()) or tmp_path)
+    presets.train_preset("smollm2-135m", tmp_path / "run", init=tmp_path / "start", progress=False)
+    assert torch.equal(seen[0], torch.full_like(seen[0], 0.5))  # training began from the adapter's weights
+    with pytest.raises(TypeError, match="trains every weight"):
+        presets.train_preset("tiny", tmp_path / "tiny", init=tmp_path / "start", progress=False)

@@ -216,6 +216,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints, metrics and the final model."),
     max_minutes: float = typer.Option(None, help="Stop after this much training time (resume later)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
+    init: Path = typer.Option(None, help="Start from this memory adapter folder (e.g. a shipped preset's)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(None, help="torch threads for CPU training."),
     options: list[str] = typer.Option([], "--set", help="KEY=VALUE TrainingConfig override (VALUE parsed as JSON)."),
@@ -236,9 +237,10 @@ def train(
             overrides[key] = value
     try:
         final = train_preset(
-            preset, out, max_minutes=max_minutes, resume=resume, seed=seed, num_threads=threads, **overrides
+            preset, out, max_minutes=max_minutes, resume=resume, init=init, seed=seed, num_threads=threads,
+            **overrides,
         )
-    except (KeyError, TypeError) as err:  # an unknown preset or TrainingConfig field
+    except (KeyError, TypeError, FileNotFoundError) as err:  # unknown preset or field, no adapter in --init
         _fail(str(err.args[0] if err.args else err))
     typer.echo(f"trained model: {final} (use it with --model {final})")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..data.filler import FillerStream, filler_paragraphs
-from ..data.synthetic import QUESTION_FORMAT, FactGenerator
+from ..data.synthetic import FactGenerator
 from .protocol import Sample
 
 
@@ -33,7 +33,7 @@ def synthetic_samples(
         document = facts.document()
         qa = rng.choice(document.qa)
         distractors = tuple(stream.passage(*filler_words) for _ in range(n_distractors))
-        samples.append(Sample(document.text, qa.prompt, (qa.answer.strip(),), distractors, f"synthetic-{i}"))
+        samples.append(Sample(document.text, qa.question, (qa.answer.strip(),), distractors, f"synthetic-{i}"))
     return samples
 
 
@@ -61,7 +61,7 @@ def nolima_samples(
     for i in range(n_samples):
         name = facts.person()
         landmark, city = rng.choice(LANDMARKS)
-        question = QUESTION_FORMAT.format(question=NOLIMA_QUESTION.format(city=city))
+        question = NOLIMA_QUESTION.format(city=city)
         distractors = tuple(stream.passage(*filler_words) for _ in range(n_distractors))
         samples.append(Sample(NOLIMA_FACT.format(name=name, landmark=landmark), question, (name,), distractors, f"nolima-{i}"))
     return samples
@@ -149,7 +149,7 @@ def file_samples(
         if len(distractors) < n_distractors:
             stream = stream or FillerStream(filler or filler_paragraphs(source="stdlib"), seed + 1)
             distractors += [stream.passage(60, 120) for _ in range(n_distractors - len(distractors))]
-        samples.append(Sample(context, QUESTION_FORMAT.format(question=question), answers, tuple(distractors), f"{Path(path).stem}-{i}"))
+        samples.append(Sample(context, question, answers, tuple(distractors), f"{Path(path).stem}-{i}"))
     return samples
 
 

@@ -3,18 +3,24 @@
 Every method is driven through the same three calls: `reset(seed)` (a fresh, empty memory),
 `observe(text)` (one more context arrives), `answer(question)` (greedy answer, with the prompt
 size and latency it cost). Methods generate through an `LM` (a loaded model and its tokenizer),
-so tests can swap in a scripted stand-in with the same four members.
+so tests can swap in a scripted stand-in with the same members.
+
+Every method asks the same prompt, `LM.ask(question, context)`: the question in the model's chat
+format (an instruct model answers only there), after whatever context the method brings (history,
+summary, retrieved chunks), where a memory model's memory sits too: in front of the whole prompt.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..data.synthetic import question_prompt
 
 Embedder = Callable[[list[str]], np.ndarray]  # texts -> [n, d] float32, rows L2-normalised
 
@@ -49,6 +55,11 @@ class LM:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def ask(self, question: str, context: Sequence[str] = ()) -> str:
+        """The prompt for `question` after `context` lines: the tokenizer's chat format if it has one,
+        else "Question: ...\nAnswer:" (`question_prompt`)."""
+        return "\n".join([*context, question_prompt(question, self.tokenizer)])
 
     @torch.no_grad()
     def generate(self, prompt: str, memory=None, max_new_tokens: int | None = None) -> str:
@@ -106,7 +117,7 @@ class NoMemoryMethod(Method):
         pass
 
     def prompt(self, question: str) -> str:
-        return question
+        return self.lm.ask(question)
 
 
 class MemoryMethod(Method):
@@ -127,7 +138,7 @@ class MemoryMethod(Method):
         self.lm.model.inject(self.memory, text=text, tokenizer=self.lm.tokenizer, allow_short=True)
 
     def prompt(self, question: str) -> str:
-        return question
+        return self.lm.ask(question)
 
     def generate_kwargs(self) -> dict:
         return {"memory": self.memory}
@@ -151,11 +162,10 @@ class ReplayMethod(Method):
         self.history.append(text)
 
     def prompt(self, question: str) -> str:
-        suffix = "\n" + question
-        room = (self.window or self.lm.window) - self.lm.count(suffix)
+        room = (self.window or self.lm.window) - self.lm.count(self.lm.ask(question, [""]))
         ids = self.lm.encode("\n".join(self.history))
         kept = ids[-room:] if room > 0 else []  # the oldest text goes first
-        return self.lm.decode(kept) + suffix
+        return self.lm.ask(question, [self.lm.decode(kept)])
 
 
 class SummaryMethod(Method):
@@ -186,7 +196,7 @@ class SummaryMethod(Method):
             self.pending = []
 
     def prompt(self, question: str) -> str:
-        return "\n".join([self.summary, *self.pending, question]).lstrip("\n")
+        return self.lm.ask(question, [text for text in (self.summary, *self.pending) if text])
 
 
 class RAGMethod(Method):
@@ -227,7 +237,7 @@ class RAGMethod(Method):
         return [self.chunks[i] for i in ids[0] if i >= 0]
 
     def prompt(self, question: str) -> str:
-        return "\n".join([*self.retrieve(question), question])
+        return self.lm.ask(question, self.retrieve(question))
 
 
 class MiniLMEmbedder:

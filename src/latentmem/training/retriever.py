@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,8 +84,15 @@ def question_queries(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor
     ]
 
 
-def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int):
+def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int,
+                        negatives: int | None = None, generator: torch.Generator | None = None):  # fmt: skip
     """Mean over layers of the retriever loss for a prompt answered by injection `injection_id`.
+
+    `negatives`: per layer, score the answer's slots against at most this many other long-term
+    slots drawn at random (None: all of them). The balanced loss averages each class on its own, so
+    a uniform sample of negatives estimates the same loss while reading a bounded number of slots
+    instead of the whole store (whose size grows with the stream). Recall is then measured as a
+    read retrieves: the store's search over its stored keys.
 
     Returns (loss, recall of the top R, long-term slots per layer), or None when no layer holds a
     long-term slot of that injection.
@@ -96,14 +104,23 @@ def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Ten
         positive = memory.ltm.sources(i) == injection_id
         if not positive.any():  # decided before any slot is read
             continue
-        slots = memory.ltm.get(i, torch.arange(len(positive)))["slots"].to(device=model.device, dtype=model.dtype)
+        rows = torch.arange(len(positive))
+        sampled = negatives is not None and int((~positive).sum()) > negatives
+        if sampled:
+            others = (~positive).nonzero().flatten()
+            drawn = others[torch.randperm(len(others), generator=generator)[:negatives]]
+            rows = torch.cat([positive.nonzero().flatten(), drawn]).sort().values
+        slots = memory.ltm.get(i, rows)["slots"].to(device=model.device, dtype=model.dtype)
         keys = model.retrievers[i].keys(layer.input_layernorm(slots))
-        losses.append(retriever_loss(queries[i], keys, positive.to(model.device)))
+        losses.append(retriever_loss(queries[i], keys, positive[rows].to(model.device)))
         with torch.no_grad():
-            top = retrieval_scores(queries[i], keys).topk(min(count, len(keys))).indices
-        hits += int(positive[top.cpu()].sum())
+            if sampled:
+                top, _ = memory.ltm.search(i, queries[i], count)
+            else:
+                top = retrieval_scores(queries[i], keys).topk(min(count, len(keys))).indices.cpu()
+        hits += int(positive[top].sum())
         positives += int(positive.sum())
-        size = max(size, len(keys))
+        size = max(size, len(positive))
     if not losses:
         return None
     return torch.stack(losses).mean(), hits / positives, size
@@ -188,6 +205,8 @@ def train_retriever(
     seed: int = 0,
     progress: bool = True,
     log=None,
+    max_seconds: float | None = None,
+    negatives: int | None = None,
     **stream_options,
 ) -> list[RetrieverStep]:
     """Train `model.retrievers` in place on `batch_size` question streams; returns the per-step record.
@@ -197,7 +216,8 @@ def train_retriever(
     `answer_first_retrieval`, so the model learns to answer from long-term slots; `fresh_fraction`
     of the questions are asked right after their document's write, so answering fresh memories
     keeps being practised. Otherwise everything but the retrievers is frozen.
-    `log(record)` receives each step's numbers.
+    `log(record)` receives each step's numbers. `max_seconds` stops training early (a time budget).
+    `negatives` bounds the slots each question's loss reads per layer (see `retriever_step_loss`).
     """
     model.requires_grad_(train_lm)
     model.retrievers.requires_grad_(True)
@@ -213,14 +233,18 @@ def train_retriever(
     generator = torch.Generator().manual_seed(seed)
     records: list[RetrieverStep] = []
     bar = tqdm(range(steps), desc="M+ training" if train_lm else "retriever", disable=not progress, dynamic_ncols=True)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     for step in bar:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         losses, recalls, size = [], [], 0
         for question in (next(stream) for stream in streams):
             if question is None:
                 continue
             loss = None
             if question.in_ltm:
-                result = retriever_step_loss(model, question.memory, question.prompt_ids, question.injection_id)
+                result = retriever_step_loss(model, question.memory, question.prompt_ids, question.injection_id,
+                                             negatives, generator)  # fmt: skip
                 if result is not None:
                     loss, recall, size = result[0], result[1], max(size, result[2])
                     recalls.append(recall)

