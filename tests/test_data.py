@@ -135,3 +135,24 @@ def test_qa_loader_reads_squad_like_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         list(load_documents(tmp_path / "bad.jsonl"))
+
+
+def test_context_goes_where_each_kind_of_model_reads_it():
+    from types import SimpleNamespace
+
+    from latentmem.data.synthetic import QA_CHAT_TEMPLATE, context_prompt
+
+    plain = "Doc one.\nDoc two.\nQuestion: Where?\nAnswer:"
+    assert context_prompt("Where?", ["Doc one.", "Doc two."]) == plain  # no tokenizer: the training format
+    assert context_prompt("Where?", []) == "Question: Where?\nAnswer:"
+
+    class Chat(SimpleNamespace):
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert add_generation_prompt and not tokenize
+            return "|".join(f"{m['role']}:{m['content']}" for m in messages) + "|assistant:"
+
+    trained_here = Chat(chat_template=QA_CHAT_TEMPLATE)
+    assert context_prompt("Where?", ["Doc one.", "Doc two."], trained_here) == "Doc one.\nDoc two.\n" + trained_here.apply_chat_template(
+        [{"role": "user", "content": "Where?"}], add_generation_prompt=True, tokenize=False)  # fmt: skip
+    instruct = Chat(chat_template="{{ anything }}")
+    assert context_prompt("Where?", ["Doc one."], instruct) == "user:Doc one.\n\nWhere?|assistant:"

@@ -290,7 +290,7 @@ def test_loader_says_when_a_file_holds_nothing_usable(tmp_path):
         load_qa_file(path)
 
 
-def test_methods_ask_in_the_models_chat_format_after_their_context(tiny):
+def test_methods_ask_in_the_models_chat_format_with_their_context_in_the_user_turn(tiny):
     import copy
 
     model, tokenizer = tiny
@@ -298,9 +298,9 @@ def test_methods_ask_in_the_models_chat_format_after_their_context(tiny):
     chat.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<bot>"
     lm = LM(model, chat, max_new_tokens=2)
     asked = f"<user>{QUESTION}</user><bot>"
-    assert lm.ask(QUESTION) == asked and lm.ask(QUESTION, ["a", "b"]) == f"a\nb\n{asked}"
-    for method, expected in ((NoMemoryMethod(lm), asked), (ReplayMethod(lm), f"{FACT}\n{asked}"),
-                             (MemoryMethod(lm), asked)):  # fmt: skip
+    assert lm.ask(QUESTION) == asked and lm.ask(QUESTION, ["a", "b"]) == f"<user>a\nb\n\n{QUESTION}</user><bot>"
+    replayed = f"<user>{FACT}\n\n{QUESTION}</user><bot>"  # a chat model reads context in its user turn
+    for method, expected in ((NoMemoryMethod(lm), asked), (ReplayMethod(lm), replayed), (MemoryMethod(lm), asked)):
         method.reset(0)
         method.observe(FACT)
         method.answer(QUESTION)

@@ -107,6 +107,14 @@ RELATIONS = (
 )  # fmt: skip
 QUESTION_FORMAT = "Question: {question}\nAnswer:"
 
+_QUESTION, _ANSWER = QUESTION_FORMAT.split("{question}")  # "Question: ", "\nAnswer:"
+# A model trained only on fact QA chats in that shape: a user turn is a question, a reply its answer.
+QA_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}" + _QUESTION + "{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}" + _ANSWER.lstrip("\n") + " {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + _ANSWER.lstrip("\n") + "{% endif %}"
+)
+
 
 def question_prompt(question: str, tokenizer=None) -> str:
     """How a model is asked `question`: its tokenizer's chat template (one user turn) if it has one.
@@ -119,6 +127,22 @@ def question_prompt(question: str, tokenizer=None) -> str:
         return QUESTION_FORMAT.format(question=question)
     messages = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def context_prompt(question: str, context: list[str], tokenizer=None) -> str:
+    """How a model is asked `question` with `context` lines in its prompt (replay, summary, RAG).
+
+    A chat model reads the context in its user turn, before the question: SmolLM2-135M-Instruct
+    answered 4 of 12 synthetic questions that way, 2 with the context as a system message and 1 with
+    it in front of the chat (measured). A model without a template, or trained here with
+    `QA_CHAT_TEMPLATE`, saw "context\nQuestion: ...\nAnswer:" in training and gets exactly that.
+    """
+    if not context:
+        return question_prompt(question, tokenizer)
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not template or template == QA_CHAT_TEMPLATE:
+        return "\n".join([*context, question_prompt(question, tokenizer)])
+    return question_prompt("\n".join(context) + "\n\n" + question, tokenizer)
 
 
 def answer_text(prompt: str, answer: str) -> str:

@@ -5,9 +5,9 @@ Every method is driven through the same three calls: `reset(seed)` (a fresh, emp
 size and latency it cost). Methods generate through an `LM` (a loaded model and its tokenizer),
 so tests can swap in a scripted stand-in with the same members.
 
-Every method asks the same prompt, `LM.ask(question, context)`: the question in the model's chat
-format (an instruct model answers only there), after whatever context the method brings (history,
-summary, retrieved chunks), where a memory model's memory sits too: in front of the whole prompt.
+Every method asks through `LM.ask(question, context)`: the question in the model's chat format (an
+instruct model answers only there), with whatever context the method brings (history, summary,
+retrieved chunks) where that model reads context best (`data.synthetic.context_prompt`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.synthetic import question_prompt
+from ..data.synthetic import context_prompt
 
 Embedder = Callable[[list[str]], np.ndarray]  # texts -> [n, d] float32, rows L2-normalised
 
@@ -57,9 +57,9 @@ class LM:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def ask(self, question: str, context: Sequence[str] = ()) -> str:
-        """The prompt for `question` after `context` lines: the tokenizer's chat format if it has one,
-        else "Question: ...\nAnswer:" (`question_prompt`)."""
-        return "\n".join([*context, question_prompt(question, self.tokenizer)])
+        """The prompt for `question` with `context` lines (`context_prompt`): a chat model gets both in
+        its user turn, a model without a template (or trained here) "context\nQuestion: ...\nAnswer:"."""
+        return context_prompt(question, list(context), self.tokenizer)
 
     @torch.no_grad()
     def generate(self, prompt: str, memory=None, max_new_tokens: int | None = None) -> str:

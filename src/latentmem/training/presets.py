@@ -28,7 +28,7 @@ from transformers.initialization import no_init_weights
 
 from ..config import DEFAULT_LORA, MemoryLLMConfig
 from ..data.filler import filler_paragraphs
-from ..data.synthetic import QUESTION_FORMAT, FactGenerator
+from ..data.synthetic import QA_CHAT_TEMPLATE, FactGenerator
 from ..modeling import MemoryLLM
 from ..presets import ADAPTER_FILE
 from .recall import recall_accuracy
@@ -54,15 +54,6 @@ class Preset:
 
 
 # --- tiny: from scratch -----------------------------------------------------------------------
-_QUESTION, _ANSWER = QUESTION_FORMAT.split("{question}")  # "Question: ", "\nAnswer:"
-# A model trained only on fact QA chats in that shape: a user turn is a question, a reply its answer.
-QA_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}" + _QUESTION + "{{ m['content'] }}\n"
-    "{% elif m['role'] == 'assistant' %}" + _ANSWER.lstrip("\n") + " {{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + _ANSWER.lstrip("\n") + "{% endif %}"
-)
-
-
 def tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """BPE trained on training-split fact documents, their questions and the stdlib filler."""
     facts = FactGenerator(seed + 7, "train")
