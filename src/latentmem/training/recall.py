@@ -65,8 +65,8 @@ def recall_accuracy(
                     model.inject(memory, text=passage, tokenizer=tokenizer, allow_short=True)
             written = n
             for qa in document.qa:
+                prompt = question_prompt(qa.question, tokenizer)
                 for kind, memory in memories.items():
-                    prompt = question_prompt(qa.question, tokenizer)
                     hits[f"{kind}@{n}"].append(qa.answer.strip() in answer(model, tokenizer, memory, prompt))
     model.train(was_training)
     result = {key: sum(v) / len(v) for key, v in hits.items()}
