@@ -78,6 +78,45 @@ def test_one_context_trains_the_write_path_several_contexts_do_not():
         assert all((g is not None and g.abs().sum() > 0) == write_grad for g in write_lora)
 
 
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_writes_into_empty_memories_batch_with_the_same_losses_gradients_and_pools(token_shift):
+    """Contexts shorter and longer than K, targets of different lengths: one batch equals one at a time."""
+    model = make_model(num_tokens=K, token_shift=token_shift).train()
+    params = trainable_parameters(model, train_all=False)
+    if token_shift:
+        torch.nn.init.normal_(model.token_shift.weight, std=0.1)  # zero at init: would hide a shift bug
+    episodes = []
+    for i, (n, t) in enumerate([(5, 12), (8, 7), (20, 15)]):
+        target = random_ids(t, 200 + i)[0]
+        labels = target.clone()
+        labels[: t // 3] = IGNORE
+        episodes.append(Episode([random_ids(n, 300 + i)[0]], target, labels))
+    objective = MemoryObjective(model)
+
+    def run(batched: bool):
+        model.zero_grad(set_to_none=True)
+        states = [training_state(model, num_blocks=2, seed=i) for i in range(len(episodes))]
+        if batched:
+            objective.run_episode = None  # the batch must not fall back to one episode at a time
+            loss, results = objective(episodes, states)
+            del objective.run_episode
+        else:
+            results = [objective.run_episode(e, s) for e, s in zip(episodes, states)]
+            loss = sum(r.loss_sum for r in results) / sum(r.num_labels for r in results)
+        loss.backward()
+        return loss, [r.loss_sum.detach() for r in results], [p.grad.clone() for p in params], states
+
+    loss_b, sums_b, grads_b, states_b = run(batched=True)
+    loss_s, sums_s, grads_s, states_s = run(batched=False)
+    torch.testing.assert_close(loss_b, loss_s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums_b, sums_s, atol=1e-4, rtol=1e-5)
+    for g_b, g_s in zip(grads_b, grads_s):
+        torch.testing.assert_close(g_b, g_s, atol=1e-5, rtol=1e-4)
+    for a, b in zip(states_b, states_s):
+        torch.testing.assert_close(a.stm, b.stm, atol=1e-5, rtol=1e-5)
+        assert a.injections.keys() == b.injections.keys() and a.write_count == b.write_count == 1
+
+
 def test_in_context_episodes_are_plain_lm_batched_without_memory():
     """Padding the batch changes no episode's loss, and in-context losses equal a plain forward."""
     model = make_model(num_tokens=K).eval()
@@ -111,6 +150,24 @@ def test_fact_task_asks_in_the_tokenizers_chat_format_and_scores_only_the_answer
     assert question.endswith("?")
 
 
+
+def test_a_stage_sets_the_share_of_copy_targets(tmp_path):
+    from latentmem.models import byte_tokenizer
+    from latentmem.training import FactTask
+
+    tokenizer = byte_tokenizer()
+
+    def relations(stage: Stage) -> list[str]:
+        config = TrainingConfig(stages=[stage], batch_size=2, progress=False, final_eval=False)
+        trainer = Trainer(make_model(num_tokens=K), lambda rank: FactTask(tokenizer, ["a b c"] * 3, seed=rank),
+                          config, tmp_path)  # fmt: skip
+        trainer.prepare_states(stage)
+        return [trainer.next_episode(i % 2, stage).meta["relation"] for i in range(40)]
+
+    assert "copy" not in relations(Stage(1, num_blocks=1, in_context=0.5))  # the task's share: 0
+    assert set(relations(Stage(1, num_blocks=1, in_context=0.5, copy_fraction=1.0))) == {"copy"}
+    mixed = relations(Stage(1, num_blocks=1, in_context=0.5, copy_fraction=0.5))
+    assert 5 < mixed.count("copy") < 35
 def test_memory_path_training_freezes_the_base():
     model = make_model()
     names = {n for n, p in model.named_parameters() if p in set(trainable_parameters(model, train_all=False))}

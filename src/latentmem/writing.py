@@ -89,6 +89,38 @@ def compute_new_slots(model: "MemoryLLM", state: MemoryState, input_ids: torch.T
     return torch.stack(new_slots)
 
 
+def compute_first_write_slots(model: MemoryLLM, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`compute_new_slots` into empty pools for a batch of contexts at once: `[L, min(K, n_b), d]` each.
+
+    A write into an empty pool is the context alone from position 0 (no memory prefix, no bos), so
+    contexts of different lengths batch with right padding: under the causal mask no real position
+    sees a pad, and each row's new-memory embedding and slots are cut at its own length.
+    """
+    decoder, K = model.decoder, model.config.num_tokens
+    device = model.device
+    lengths = torch.tensor([c.numel() for c in contexts], device=device)
+    ids = torch.nn.utils.rnn.pad_sequence([c.to(device) for c in contexts], batch_first=True)
+    hidden = model.embed(ids)  # [B, n_max, d]; a pad's token shift only reaches later pads
+    positions = torch.arange(ids.shape[1], device=device)
+    newest = (positions >= lengths[:, None] - K) & (positions < lengths[:, None])  # each row's last K real tokens
+    new_memory_emb = newest[..., None].to(hidden.dtype) * model.new_memory_positional_emb.to(hidden.dtype)
+    rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, ids.shape[1])
+    mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden.new_empty(*ids.shape, 0),
+        attention_mask=None,
+        cache=None,
+        position_ids=positions[None],
+    )
+    outputs = []
+    for layer in decoder.layers:
+        x = hidden + new_memory_emb  # as in compute_new_slots: every layer's input gets it
+        hidden = layer(x, attention_mask=mask, position_ids=positions[None], position_embeddings=rope)
+        outputs.append(hidden)
+    stacked = torch.stack(outputs, dim=1)  # [B, L, n_max, d]
+    return [stacked[b, :, max(0, n - K) : n] for b, n in enumerate(lengths.tolist())]
+
+
 def split_into_chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
     """Cut a 1-D id tensor into the fewest near-equal chunks of at most `chunk_size` tokens.
 

@@ -16,23 +16,27 @@ so later episodes read a pool full of earlier, unrelated writes, as at inference
 An episode with no contexts is plain language modelling without memory (the document and the
 question in one prompt). A model trained from scratch needs it: it must first learn the language
 and to answer from context before it can learn to answer from memory, and keeps practising it
-alongside. Such episodes run together as one padded batch.
+alongside. Such episodes run together as one padded batch, and so do one-context episodes into
+empty memories (a curriculum's first memory stage): neither depends on anything else in its state.
 The objective is an `nn.Module` so DDP (through `accelerate`) sees the whole step as its forward.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
 
 from ..modeling import MemoryLLM
 from ..pool import write_slots
+from ..prefix import prefix_keys_values, rotary_embeddings
 from ..state import MemoryState
-from ..writing import compute_new_slots
+from ..writing import compute_first_write_slots, compute_new_slots
 
 IGNORE = -100
 
@@ -80,9 +84,22 @@ class MemoryObjective(nn.Module):
         self.model = model
 
     def forward(self, episodes: list[Episode], states: list[MemoryState]) -> tuple[torch.Tensor, list[EpisodeResult]]:
-        plain = iter(self.in_context_losses([e for e in episodes if e.in_context]))
-        results = [next(plain) if episode.in_context else self.run_episode(episode, state)
-                   for episode, state in zip(episodes, states, strict=True)]  # fmt: skip
+        if len(episodes) != len(states):
+            raise ValueError(f"{len(episodes)} episodes for {len(states)} memory states")
+        results: list[EpisodeResult | None] = [None] * len(episodes)
+        plain = [i for i, e in enumerate(episodes) if e.in_context]
+        # Writes into empty memories depend on nothing else: they run as one batch. (A state listed
+        # twice goes one episode at a time: its second episode must see the first one's write.)
+        uses = Counter(id(state) for state in states)
+        fresh = [i for i, (e, s) in enumerate(zip(episodes, states))
+                 if e.write_with_grad and not s.initialized and uses[id(s)] == 1]  # fmt: skip
+        for i, result in zip(plain, self.in_context_losses([episodes[i] for i in plain])):
+            results[i] = result
+        for i, result in zip(fresh, self.first_write_losses([episodes[i] for i in fresh], [states[i] for i in fresh])):
+            results[i] = result
+        for i, (episode, state) in enumerate(zip(episodes, states)):
+            if results[i] is None:
+                results[i] = self.run_episode(episode, state)
         num_labels = max(1, sum(r.num_labels for r in results))
         return torch.stack([r.loss_sum for r in results]).sum() / num_labels, results
 
@@ -102,6 +119,52 @@ class MemoryObjective(nn.Module):
         ]
         loss_sum, count = self.target_loss(episode, memory=state)
         return EpisodeResult(loss_sum, count, ids)
+
+    def first_write_losses(self, episodes: list[Episode], states: list[MemoryState]) -> list[EpisodeResult]:
+        """`run_episode` for one-context episodes into empty memories, batched (same losses, one pass each way).
+
+        Writes: `compute_first_write_slots`. Reads: row b's memory `[bos ; its slots]` is left-padded
+        to the longest, so every target starts at the same position; RoPE sees only distances, which
+        left-padding keeps, and the padded memory positions are masked out.
+        """
+        if not episodes:
+            return []
+        model = self.model
+        injections = [state.record_injection("train", e.contexts[0].numel()) for e, state in zip(episodes, states)]
+        model.adapters.activate("write")
+        slots = compute_first_write_slots(model, [e.contexts[0] for e in episodes])  # [L, m_b, d] each
+        loss_sums, counts = self.read_new_slots(episodes, slots)
+        for state, new, injection in zip(states, slots, injections):
+            write_slots(state, new.detach(), injection.id, per_layer=model.config.drop_memory_per_layer)
+        return [EpisodeResult(loss, count, [injection.id])
+                for loss, count, injection in zip(loss_sums, counts, injections)]  # fmt: skip
+
+    def read_new_slots(self, episodes: list[Episode], slots: list[torch.Tensor]) -> tuple[list, list[int]]:
+        """Summed target losses of each episode read from `[bos ; slots_b]` (as `target_loss` does), batched."""
+        model, device = self.model, self.model.device
+        model.adapters.activate("read")
+        L, d = len(model.decoder.layers), slots[0].shape[-1]
+        bos = model.bos_embedding if model.bos_embedding is not None else slots[0].new_zeros(L, 0, d)
+        prefixes = [torch.cat([bos.to(s.dtype), s], dim=1) for s in slots]  # [L, P_b, d]
+        longest = max(p.shape[1] for p in prefixes)
+        vectors = torch.stack([F.pad(p, (0, 0, longest - p.shape[1], 0)) for p in prefixes], dim=1)  # [L, B, P, d]
+        prefix_real = torch.stack([torch.arange(longest, device=device) >= longest - p.shape[1] for p in prefixes])
+        rope = rotary_embeddings(model.decoder.rotary_emb, vectors, 0, longest)
+        cache = DynamicCache(config=model.backbone.config)
+        for i, layer in enumerate(model.decoder.layers):
+            cache.update(*prefix_keys_values(layer, vectors[i].to(model.dtype), rope), i)
+        ids = pad_sequence([e.target for e in episodes], batch_first=True).to(device)
+        labels = pad_sequence([e.labels for e in episodes], batch_first=True, padding_value=IGNORE).to(device)
+        lengths = torch.tensor([e.target.numel() for e in episodes], device=device)
+        target_real = torch.arange(ids.shape[1], device=device) < lengths[:, None]
+        inputs = model.embed(ids, attention_mask=target_real.long())
+        positions = torch.arange(longest, longest + ids.shape[1], device=device).expand(len(episodes), -1)
+        mask = torch.cat([prefix_real, target_real], dim=1).long()
+        logits = model.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache,
+                                use_cache=True).logits[:, :-1]  # fmt: skip
+        losses = F.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+        counts = (labels[:, 1:] != IGNORE).sum(dim=1).tolist()
+        return list(losses.sum(dim=1)), counts
 
     def in_context_losses(self, episodes: list[Episode]) -> list[EpisodeResult]:
         """Plain LM loss of in-context episodes, as one right-padded batch without memory."""

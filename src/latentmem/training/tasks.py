@@ -66,26 +66,30 @@ class FactTask:
     def distractor(self) -> torch.Tensor:
         return _ids(self.tokenizer, self.filler.passage(*self.filler_words))
 
-    def in_context_episode(self) -> Episode:
+    def _copy(self, copy_fraction: float | None) -> bool:
+        return self.rng.random() < (self.copy_fraction if copy_fraction is None else copy_fraction)
+
+    def in_context_episode(self, copy_fraction: float | None = None) -> Episode:
         """The fact document, then one of its questions and the answer, as plain text (no memory).
 
         Every token is scored: the document as language modelling, the question and the answer as
         reading comprehension in context, the skill that reading from memory then reuses. With
-        probability `copy_fraction` the document is followed by itself instead (copying in context).
+        probability `copy_fraction` (default: the task's) the document is followed by itself instead
+        (copying in context).
         """
         document = self.facts.document()
         qa = self.rng.choice(document.qa)
         text = _ids(self.tokenizer, document.text + "\n")
-        if self.rng.random() < self.copy_fraction:  # the document twice: dense practice in copying
+        if self._copy(copy_fraction):  # the document twice: dense practice in copying
             target, relation = torch.cat([text, text, torch.tensor([self.tokenizer.eos_token_id])]), "copy"
         else:
             target, relation = torch.cat([text, self.qa_target(qa)[0]]), qa.relation
         return Episode([], target, target.clone(), answer_context=None, meta={"relation": relation})
 
-    def episode(self, max_contexts: int) -> Episode:
+    def episode(self, max_contexts: int, copy_fraction: float | None = None) -> Episode:
         document = self.facts.document()
         qa = self.rng.choice(document.qa)
-        copy = self.rng.random() < self.copy_fraction
+        copy = self._copy(copy_fraction)
         num_contexts = self.rng.randint(1, max_contexts)
         where = self.rng.randrange(num_contexts)
         contexts = [self.distractor() for _ in range(num_contexts - 1)]

@@ -47,6 +47,7 @@ class Stage:
     in_context: float = 0.0  # probability that an episode is plain LM without memory (from-scratch models)
     reset_memory: float | None = None  # per-step chance a memory starts empty (None: the config's); 1.0 =
     # every episode writes into an empty memory, so the target reads its context's slots alone
+    copy_fraction: float | None = None  # for tasks with copy targets (FactTask): their share (None: the task's)
 
 
 @dataclass
@@ -108,8 +109,8 @@ class Trainer:
 
     Args:
         model: the MemoryLLM to train (in place).
-        task: gives `episode(max_contexts)`, `in_context_episode()`, `distractor()`, `state_dict()`,
-            `load_state_dict()`;
+        task: gives `episode(max_contexts)`, `in_context_episode()` (both also take `copy_fraction=`
+            if a stage sets it), `distractor()`, `state_dict()`, `load_state_dict()`;
             made per process by `make_task(rank)` so processes draw different data.
         out_dir: checkpoints (`checkpoint/`), `metrics.jsonl` and the final model (`final/`).
         evaluate: optional `fn(model) -> dict` run on the main process every `eval_every` steps
@@ -163,15 +164,17 @@ class Trainer:
 
     def next_episode(self, i: int, stage: Stage) -> Episode:
         """A fresh episode from the task, an in-context one, or (retention) an earlier target after unrelated writes."""
+        # Only stages that set copy_fraction pass it on, so tasks without copy targets need not take it.
+        options = {} if stage.copy_fraction is None else {"copy_fraction": stage.copy_fraction}
         if stage.in_context and self.rng.random() < stage.in_context:
-            return self.task.in_context_episode()
+            return self.task.in_context_episode(**options)
         if self.history[i] and self.rng.random() < stage.retention:
             injection_id, written, target, labels = self.rng.choice(self.history[i])
             survived = self.states[i].surviving_slots().get(injection_id, 0) / self.states[i].num_layers
             if survived >= written / 2:  # enough of it is still in memory to be answerable
                 contexts = [self.task.distractor() for _ in range(self.rng.randint(1, stage.max_contexts))]
                 return Episode(contexts, target, labels, answer_context=None)
-        return self.task.episode(stage.max_contexts)
+        return self.task.episode(stage.max_contexts, **options)
 
     # --- the loop -------------------------------------------------------------------------
     def train(self, resume: bool = False) -> Path:
