@@ -214,3 +214,18 @@ def test_retriever_loss_decreases_and_ranks_positives_first_on_a_toy_case():
     with torch.no_grad():
         top = retrieval_scores(retriever.queries(prompt), retriever.keys(slots)).topk(3).indices
     assert set(top.tolist()) == {3, 17, 29}
+
+
+def test_training_reads_an_mplus_memory_through_its_retrieval_one_state_at_a_time():
+    """Batched training reads see the short-term pool only; M+ reads must also retrieve, so they do not batch."""
+    from latentmem.training import Episode, MemoryObjective
+
+    model = make_mplus().train()
+    states = [filled(model, 12, seed=i) for i in range(2)]  # long-term memory holds evicted slots
+    target = random_ids(10, 77)[0]
+    episodes = [Episode([random_ids(20, 80 + i)[0], random_ids(20, 90 + i)[0]], target, target.clone()) for i in range(2)]
+    objective = MemoryObjective(model)
+    calls = []
+    objective.run_episode = lambda e, s: calls.append(e) or MemoryObjective.run_episode(objective, e, s)
+    loss, _ = objective(episodes, states)
+    assert len(calls) == 2 and torch.isfinite(loss)

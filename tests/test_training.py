@@ -78,11 +78,48 @@ def test_one_context_trains_the_write_path_several_contexts_do_not():
         assert all((g is not None and g.abs().sum() > 0) == write_grad for g in write_lora)
 
 
+def assert_batching_changes_nothing(model, episodes, make_states, alone=lambda episode: False) -> None:
+    """The objective's batched step equals `run_episode` one at a time: losses, gradients, pools, ids.
+
+    In the batched run only episodes for which `alone(episode)` holds may go through `run_episode`.
+    """
+    params = trainable_parameters(model, train_all=False)
+    objective = MemoryObjective(model)
+
+    def run(batched: bool):
+        model.zero_grad(set_to_none=True)
+        states = make_states()
+        if batched:
+            def one_at_a_time(e, s):
+                assert alone(e), "an episode that should batch ran alone"
+                return MemoryObjective.run_episode(objective, e, s)
+
+            objective.run_episode = one_at_a_time
+            loss, results = objective(episodes, states)
+            del objective.run_episode
+        else:
+            results = [objective.run_episode(e, s) for e, s in zip(episodes, states)]
+            loss = sum(r.loss_sum for r in results) / sum(r.num_labels for r in results)
+        loss.backward()
+        sums = [r.loss_sum.detach() for r in results]
+        return loss, sums, [r.injection_ids for r in results], [p.grad.clone() for p in params], states
+
+    loss_b, sums_b, ids_b, grads_b, states_b = run(batched=True)
+    loss_s, sums_s, ids_s, grads_s, states_s = run(batched=False)
+    torch.testing.assert_close(loss_b, loss_s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums_b, sums_s, atol=1e-4, rtol=1e-5)
+    assert ids_b == ids_s
+    for g_b, g_s in zip(grads_b, grads_s):
+        torch.testing.assert_close(g_b, g_s, atol=1e-5, rtol=1e-4)
+    for a, b in zip(states_b, states_s):
+        torch.testing.assert_close(a.stm, b.stm, atol=1e-5, rtol=1e-5)
+        assert a.injections.keys() == b.injections.keys() and a.write_count == b.write_count
+
+
 @pytest.mark.parametrize("token_shift", [False, True])
 def test_writes_into_empty_memories_batch_with_the_same_losses_gradients_and_pools(token_shift):
     """Contexts shorter and longer than K, targets of different lengths: one batch equals one at a time."""
     model = make_model(num_tokens=K, token_shift=token_shift).train()
-    params = trainable_parameters(model, train_all=False)
     if token_shift:
         torch.nn.init.normal_(model.token_shift.weight, std=0.1)  # zero at init: would hide a shift bug
     episodes = []
@@ -91,30 +128,25 @@ def test_writes_into_empty_memories_batch_with_the_same_losses_gradients_and_poo
         labels = target.clone()
         labels[: t // 3] = IGNORE
         episodes.append(Episode([random_ids(n, 300 + i)[0]], target, labels))
-    objective = MemoryObjective(model)
+    assert_batching_changes_nothing(
+        model, episodes, lambda: [training_state(model, num_blocks=2, seed=i) for i in range(len(episodes))]
+    )
 
-    def run(batched: bool):
-        model.zero_grad(set_to_none=True)
-        states = [training_state(model, num_blocks=2, seed=i) for i in range(len(episodes))]
-        if batched:
-            objective.run_episode = None  # the batch must not fall back to one episode at a time
-            loss, results = objective(episodes, states)
-            del objective.run_episode
-        else:
-            results = [objective.run_episode(e, s) for e, s in zip(episodes, states)]
-            loss = sum(r.loss_sum for r in results) / sum(r.num_labels for r in results)
-        loss.backward()
-        return loss, [r.loss_sum.detach() for r in results], [p.grad.clone() for p in params], states
 
-    loss_b, sums_b, grads_b, states_b = run(batched=True)
-    loss_s, sums_s, grads_s, states_s = run(batched=False)
-    torch.testing.assert_close(loss_b, loss_s, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sums_b, sums_s, atol=1e-4, rtol=1e-5)
-    for g_b, g_s in zip(grads_b, grads_s):
-        torch.testing.assert_close(g_b, g_s, atol=1e-5, rtol=1e-4)
-    for a, b in zip(states_b, states_s):
-        torch.testing.assert_close(a.stm, b.stm, atol=1e-5, rtol=1e-5)
-        assert a.injections.keys() == b.injections.keys() and a.write_count == b.write_count == 1
+def test_reads_of_full_pools_batch_with_the_same_losses_gradients_and_pools():
+    """Several contexts, a retention step, a one-context write into older memory: batched where they can be."""
+    model = make_model(num_tokens=K, token_shift=True).train()
+    torch.nn.init.normal_(model.token_shift.weight, std=0.1)
+    mixed = [episode(10, contexts=3), episode(20, contexts=2, answer_context=None), episode(30, contexts=1)]
+
+    def older_memories():
+        states = [training_state(model, num_blocks=4, seed=i) for i in range(len(mixed))]
+        for i, state in enumerate(states):
+            model.inject(state, input_ids=random_ids(16, 900 + i), allow_short=True)
+        return states
+
+    # The third episode's write keeps its gradient into a memory that is not empty: it runs alone.
+    assert_batching_changes_nothing(model, mixed, older_memories, alone=lambda e: e.write_with_grad)
 
 
 def test_in_context_episodes_are_plain_lm_batched_without_memory():

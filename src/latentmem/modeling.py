@@ -39,6 +39,9 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_sdpa = True
     _supports_flash_attn = True
+    # A read attends to [bos ; STM] and nothing else, so training may batch reads of several states
+    # (M+ also reads slots retrieved from long-term memory, and says False).
+    reads_short_term_only = True
 
     def __init__(self, config: MemoryLLMConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)

@@ -27,6 +27,7 @@ from .state import EXTERNAL, MemoryState
 
 class MPlus(MemoryLLM):
     config_class = MPlusConfig
+    reads_short_term_only = False  # reads also retrieve long-term slots
 
     def __init__(self, config: MPlusConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config, backbone)

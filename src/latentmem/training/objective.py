@@ -16,8 +16,10 @@ so later episodes read a pool full of earlier, unrelated writes, as at inference
 An episode with no contexts is plain language modelling without memory (the document and the
 question in one prompt). A model trained from scratch needs it: it must first learn the language
 and to answer from context before it can learn to answer from memory, and keeps practising it
-alongside. Such episodes run together as one padded batch, and so do one-context episodes into
-empty memories (a curriculum's first memory stage): neither depends on anything else in its state.
+alongside. Such episodes run together as one padded batch. Episodes with memory are batched across
+their states too: one-context episodes into empty memories (a curriculum's first memory stage) as
+one write and one read, episodes written without gradient as one read of all their pools after
+their writes (which `inject` does one by one).
 The objective is an `nn.Module` so DDP (through `accelerate`) sees the whole step as its forward.
 """
 
@@ -88,15 +90,20 @@ class MemoryObjective(nn.Module):
             raise ValueError(f"{len(episodes)} episodes for {len(states)} memory states")
         results: list[EpisodeResult | None] = [None] * len(episodes)
         plain = [i for i, e in enumerate(episodes) if e.in_context]
-        # Writes into empty memories depend on nothing else: they run as one batch. (A state listed
-        # twice goes one episode at a time: its second episode must see the first one's write.)
-        uses = Counter(id(state) for state in states)
-        fresh = [i for i, (e, s) in enumerate(zip(episodes, states))
-                 if e.write_with_grad and not s.initialized and uses[id(s)] == 1]  # fmt: skip
         for i, result in zip(plain, self.in_context_losses([episodes[i] for i in plain])):
             results[i] = result
-        for i, result in zip(fresh, self.first_write_losses([episodes[i] for i in fresh], [states[i] for i in fresh])):
-            results[i] = result
+        # Episodes with memory batch across their states. A state listed twice goes one episode at a
+        # time: its second episode must see the first one's writes.
+        uses = Counter(id(state) for state in states)
+        alone = [not e.in_context and uses[id(s)] == 1 for e, s in zip(episodes, states)]
+        fresh = [i for i, e in enumerate(episodes) if alone[i] and e.write_with_grad and not states[i].initialized]
+        batches = [(fresh, self.first_write_losses)]
+        if self.model.reads_short_term_only:  # written without gradient, then the whole pool is read
+            pooled = [i for i, e in enumerate(episodes) if alone[i] and not e.write_with_grad]
+            batches.append((pooled, self.pool_read_losses))
+        for indices, run_batch in batches:
+            for i, result in zip(indices, run_batch([episodes[i] for i in indices], [states[i] for i in indices])):
+                results[i] = result
         for i, (episode, state) in enumerate(zip(episodes, states)):
             if results[i] is None:
                 results[i] = self.run_episode(episode, state)
@@ -133,13 +140,23 @@ class MemoryObjective(nn.Module):
         injections = [state.record_injection("train", e.contexts[0].numel()) for e, state in zip(episodes, states)]
         model.adapters.activate("write")
         slots = compute_first_write_slots(model, [e.contexts[0] for e in episodes])  # [L, m_b, d] each
-        loss_sums, counts = self.read_new_slots(episodes, slots)
+        loss_sums, counts = self.read_slots(episodes, slots)
         for state, new, injection in zip(states, slots, injections):
             write_slots(state, new.detach(), injection.id, per_layer=model.config.drop_memory_per_layer)
         return [EpisodeResult(loss, count, [injection.id])
                 for loss, count, injection in zip(loss_sums, counts, injections)]  # fmt: skip
 
-    def read_new_slots(self, episodes: list[Episode], slots: list[torch.Tensor]) -> tuple[list, list[int]]:
+    def pool_read_losses(self, episodes: list[Episode], states: list[MemoryState]) -> list[EpisodeResult]:
+        """`run_episode` for episodes written without gradient: each state's contexts go in one by one
+        (`inject`), then every target reads its whole pool in one batch."""
+        if not episodes:
+            return []
+        ids = [[self.model.inject(state, input_ids=c, allow_short=True, source="train").injection_id for c in e.contexts]
+               for e, state in zip(episodes, states)]  # fmt: skip
+        loss_sums, counts = self.read_slots(episodes, [state.stm for state in states])
+        return [EpisodeResult(loss, count, written) for loss, count, written in zip(loss_sums, counts, ids)]
+
+    def read_slots(self, episodes: list[Episode], slots: list[torch.Tensor]) -> tuple[list, list[int]]:
         """Summed target losses of each episode read from `[bos ; slots_b]` (as `target_loss` does), batched."""
         model, device = self.model, self.model.device
         model.adapters.activate("read")
