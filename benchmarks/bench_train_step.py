@@ -6,8 +6,8 @@ Two kinds of episode, as the curricula use them:
   from the new slots alone (`Stage(reset_memory=1.0)`: the smollm2-135m preset's 240 of 280 steps,
   the tiny preset's 600). `MemoryObjective` batches writes and reads (`first_write_losses`).
 - `--stage pool`: pools of `--blocks` blocks hold older writes; each episode writes 1-4 contexts
-  without gradient, then answers from its whole pool. Writes go one by one; the reads are batched
-  (`pool_read_losses`).
+  without gradient, then answers from its whole pool. Each round of writes (every episode's r-th
+  context) is one batch (`inject_batch`), and so are the reads (`pool_read_losses`).
 The baseline, measured in the same run, is `run_episode` per episode, as every episode ran before.
 Both compute the same losses and gradients (tests/test_training.py).
 

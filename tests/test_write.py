@@ -167,3 +167,33 @@ def test_token_shift_adds_the_previous_tokens_mapped_embedding_to_written_tokens
         embed.weight = torch.nn.Parameter(original)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert (got - reference_new_slots(model, state.stm, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_batched_writes_into_several_states_equal_one_at_a_time(family):
+    """Training writes one context into each of several states at once: empty and written pools,
+    contexts shorter than, equal to and longer than K. Slots, pools and ids match `inject` one by one."""
+    from latentmem.writing import compute_new_slots_batch, inject_batch
+
+    model = make_model(family, token_shift=True)
+    torch.nn.init.normal_(model.token_shift.weight, std=0.1)
+    contexts = [random_ids(n, seed=500 + n)[0] for n in (3, 8, 20, 11)]
+
+    def states():
+        return [written_state(model, seed=i) for i in range(3)] + [model.new_memory(seed=3)]  # the last is empty
+
+    model.adapters.activate("write")
+    batch_states = states()
+    slots = compute_new_slots_batch(model, batch_states[:3], contexts[:3])
+    for state, context, got in zip(batch_states, contexts, slots):
+        torch.testing.assert_close(got, compute_new_slots(model, state, context), atol=ATOL, rtol=0)
+    one_by_one = states()
+    ids = inject_batch(model, batch_states, contexts, source="train")
+    expected = [model.inject(s, input_ids=c, allow_short=True, source="train").injection_id
+                for s, c in zip(one_by_one, contexts)]  # fmt: skip
+    assert ids == expected
+    for a, b in zip(batch_states, one_by_one):
+        torch.testing.assert_close(a.stm, b.stm, atol=ATOL, rtol=0)
+        assert torch.equal(a.sources, b.sources) and a.write_count == b.write_count
+    with pytest.raises(ValueError, match="each state once"):
+        inject_batch(model, [batch_states[0], batch_states[0]], contexts[:2])

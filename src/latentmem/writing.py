@@ -10,6 +10,9 @@ the newest K - n old slots are recomputed alongside the context.
 
 An empty pool has no slots to put in front, so the first write runs the context alone from
 position 0 (and without bos), as the official implementation does.
+
+Training writes one context into each of many states per step; `inject_batch` runs those writes as
+one padded batch (`compute_first_write_slots` for empty pools, `compute_new_slots_batch` otherwise).
 """
 
 from __future__ import annotations
@@ -121,6 +124,66 @@ def compute_first_write_slots(model: MemoryLLM, contexts: list[torch.Tensor]) ->
     return [stacked[b, :, max(0, n - K) : n] for b, n in enumerate(lengths.tolist())]
 
 
+def compute_new_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: list[torch.Tensor]) -> list:
+    """`compute_new_slots` for several non-empty states at once, one context each: `[L, K, d]` per state.
+
+    Row b is laid out as in `compute_new_slots`: a prefix `[bos ; K - r_b newest slots]` and then,
+    computed, the `r_b = max(0, K - n_b)` newest slots that are recomputed followed by the context.
+    Prefixes are left-padded to the longest (RoPE sees only distances, which left-padding keeps; the
+    padding is masked) and the computed parts right-padded (under the causal mask no real position
+    sees a pad), so every row's slots equal its own unbatched write.
+    """
+    decoder, K, device = model.decoder, model.config.num_tokens, model.device
+    if not all(state.initialized for state in states):
+        raise ValueError("compute_new_slots_batch writes into non-empty states (compute_first_write_slots: empty ones)")
+    lengths = torch.tensor([c.numel() for c in contexts], device=device)
+    recomputed = (K - lengths).clamp(min=0)  # r_b
+    computed = recomputed + lengths  # C_b = max(K, n_b)
+    memory = torch.stack([state.stm[:, -K:] for state in states], dim=1).to(model.dtype)  # [L, B, K, d]
+    num_bos = 0
+    if model.bos_embedding is not None:
+        bos = model.bos_embedding.to(memory.dtype)[:, None].expand(-1, len(states), -1, -1)
+        memory, num_bos = torch.cat([bos, memory], dim=2), 1
+    prefix_lengths = num_bos + K - recomputed  # P_b
+    P, C = int(prefix_lengths.max()), int(computed.max())
+    slot = torch.arange(num_bos + K, device=device)
+    # Row b's prefix is memory[..., :P_b], shifted right by P - P_b; its recomputed slots memory[..., P_b:].
+    source = (slot[None, :P] - (P - prefix_lengths[:, None])).clamp(min=0)  # [B, P]
+    prefix_real = slot[None, :P] >= P - prefix_lengths[:, None]
+    index = source[None, :, :, None].expand(memory.shape[0], -1, -1, memory.shape[-1])
+    prefix = memory.gather(2, index) * prefix_real[None, :, :, None].to(memory.dtype)  # [L, B, P, d]
+    position = torch.arange(C, device=device)
+    is_recomputed = position[None] < recomputed[:, None]  # [B, C]
+    rec_index = (prefix_lengths[:, None] + position[None]).clamp(max=num_bos + K - 1)
+    rec_slots = memory.gather(2, rec_index[None, :, :, None].expand(memory.shape[0], -1, -1, memory.shape[-1]))
+
+    ids = torch.nn.utils.rnn.pad_sequence([c.to(device) for c in contexts], batch_first=True)
+    embedded = model.embed(ids)  # [B, n_max, d]
+    context_index = (position[None] - recomputed[:, None]).clamp(0, ids.shape[1] - 1)  # context token at each position
+    hidden = embedded.gather(1, context_index[..., None].expand(-1, -1, embedded.shape[-1]))  # [B, C, d]
+    newest = (position[None] >= computed[:, None] - K) & (position[None] < computed[:, None])
+    new_memory_emb = newest[..., None].to(hidden.dtype) * model.new_memory_positional_emb.to(hidden.dtype)
+
+    cache = DynamicCache()
+    prefix_rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, P)
+    for i, layer in enumerate(decoder.layers):
+        cache.update(*prefix_keys_values(layer, prefix[i], prefix_rope), i)
+    rope = rotary_embeddings(decoder.rotary_emb, hidden, P, C)
+    position_ids = (P + position)[None].expand(len(states), -1)
+    real = torch.cat([prefix_real, position[None] < computed[:, None]], dim=1).long()
+    mask = create_causal_mask(
+        config=decoder.config, inputs_embeds=hidden.new_empty(len(states), C, 0), attention_mask=real,
+        cache=cache, position_ids=position_ids,
+    )  # fmt: skip
+    new_slots = []
+    for i, layer in enumerate(decoder.layers):
+        x = torch.where(is_recomputed[..., None], rec_slots[i], hidden) + new_memory_emb
+        hidden = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope, cache=cache)
+        new_slots.append(hidden)
+    stacked = torch.stack(new_slots, dim=1)  # [B, L, C, d]
+    return [stacked[b, :, c - K : c] for b, c in enumerate(computed.tolist())]
+
+
 def split_into_chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
     """Cut a 1-D id tensor into the fewest near-equal chunks of at most `chunk_size` tokens.
 
@@ -194,3 +257,37 @@ def inject(
         model.after_write(state, evicted)
         slots += new.shape[1]
     return InjectionResult(injection.id, len(chunks), ids.numel(), slots)
+
+
+@torch.no_grad()
+def inject_batch(
+    model: MemoryLLM, states: list[MemoryState], contexts: list[torch.Tensor], source: str = ""
+) -> list[int]:
+    """`inject` one context into each of several states (different states, one chunk each), the writes batched.
+
+    For training, where every memory state gets a short context per round: the pool updates (random
+    drops, M+ eviction hooks) still run per state, exactly as `inject` runs them. Returns the injection ids.
+    """
+    if len({id(state) for state in states}) != len(states):
+        raise ValueError("inject_batch takes each state once (a second write must see the first)")
+    too_long = [c.numel() for c in contexts if c.numel() > model.config.chunk_size]
+    if too_long:
+        raise ValueError(f"contexts of {too_long} tokens need several chunks: use inject")
+    injections = [state.record_injection(source, c.numel()) for state, c in zip(states, contexts)]
+    model.adapters.activate("write")
+    empty = [b for b, state in enumerate(states) if not state.initialized]
+    filled = [b for b, state in enumerate(states) if state.initialized]
+    slots: dict[int, torch.Tensor] = {}
+    if empty:
+        slots.update(zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])))
+    if filled:
+        slots.update(
+            zip(filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled]))
+        )
+    for b, (state, injection) in enumerate(zip(states, injections)):
+        protected = model.protected_slots(state)
+        evicted = write_slots(
+            state, slots[b], injection.id, per_layer=model.config.drop_memory_per_layer, protected=protected
+        )
+        model.after_write(state, evicted)
+    return [injection.id for injection in injections]

@@ -18,8 +18,8 @@ question in one prompt). A model trained from scratch needs it: it must first le
 and to answer from context before it can learn to answer from memory, and keeps practising it
 alongside. Such episodes run together as one padded batch. Episodes with memory are batched across
 their states too: one-context episodes into empty memories (a curriculum's first memory stage) as
-one write and one read, episodes written without gradient as one read of all their pools after
-their writes (which `inject` does one by one).
+one write and one read, episodes written without gradient as one write per round of contexts and
+one read of all their pools.
 The objective is an `nn.Module` so DDP (through `accelerate`) sees the whole step as its forward.
 """
 
@@ -38,7 +38,7 @@ from ..modeling import MemoryLLM
 from ..pool import write_slots
 from ..prefix import prefix_keys_values, rotary_embeddings
 from ..state import MemoryState
-from ..writing import compute_first_write_slots, compute_new_slots
+from ..writing import compute_first_write_slots, compute_new_slots, inject_batch
 
 IGNORE = -100
 
@@ -147,12 +147,18 @@ class MemoryObjective(nn.Module):
                 for loss, count, injection in zip(loss_sums, counts, injections)]  # fmt: skip
 
     def pool_read_losses(self, episodes: list[Episode], states: list[MemoryState]) -> list[EpisodeResult]:
-        """`run_episode` for episodes written without gradient: each state's contexts go in one by one
-        (`inject`), then every target reads its whole pool in one batch."""
+        """`run_episode` for episodes written without gradient: round r writes every episode's r-th
+        context into its state as one batch (`inject_batch`), then all targets read their pools as one."""
         if not episodes:
             return []
-        ids = [[self.model.inject(state, input_ids=c, allow_short=True, source="train").injection_id for c in e.contexts]
-               for e, state in zip(episodes, states)]  # fmt: skip
+        ids: list[list[int]] = [[] for _ in episodes]
+        for r in range(max(len(e.contexts) for e in episodes)):
+            rows = [b for b, e in enumerate(episodes) if r < len(e.contexts)]
+            written = inject_batch(
+                self.model, [states[b] for b in rows], [episodes[b].contexts[r] for b in rows], "train"
+            )
+            for b, injection_id in zip(rows, written):
+                ids[b].append(injection_id)
         loss_sums, counts = self.read_slots(episodes, [state.stm for state in states])
         return [EpisodeResult(loss, count, written) for loss, count, written in zip(loss_sums, counts, ids)]
 
