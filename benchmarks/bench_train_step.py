@@ -4,7 +4,7 @@
 Two kinds of episode, as the curricula use them:
 - `--stage first` (default): every episode writes its document into an empty memory and answers
   from the new slots alone (`Stage(reset_memory=1.0)`: the smollm2-135m preset's 240 of 280 steps,
-  the tiny preset's 600). `MemoryObjective` batches writes and reads (`first_write_losses`).
+  the tiny preset's 600). `MemoryObjective` batches writes and reads (`write_losses`).
 - `--stage pool`: pools of `--blocks` blocks hold older writes; each episode writes 1-4 contexts
   without gradient, then answers from its whole pool. Each round of writes (every episode's r-th
   context) is one batch (`inject_batch`), and so are the reads (`pool_read_losses`).

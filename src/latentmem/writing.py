@@ -46,50 +46,11 @@ class InjectionResult:
 def compute_new_slots(model: "MemoryLLM", state: MemoryState, input_ids: torch.Tensor) -> torch.Tensor:
     """The slots one context writes, `[L, K, d]` (`[L, min(K, n), d]` into an empty pool).
 
-    Pure: `state` is only read. Differentiable when called with gradients enabled (training).
+    Pure: `state` is only read. Differentiable when called with gradients enabled (training). One
+    write is a batch of one: the layouts are spelled out in `compute_new_slots_batch` (written pool)
+    and `compute_first_write_slots` (empty pool).
     """
-    decoder = model.decoder
-    K = model.config.num_tokens
-    hidden = model.embed(input_ids.view(1, -1))  # h_0: [1, n, d]
-    n = hidden.shape[1]
-    L, d = state.num_layers, state.shape[2]
-
-    if state.initialized:
-        memory = state.stm[:, -K:].to(hidden.dtype)  # [L, K, d]
-        num_bos = 0
-        if model.bos_embedding is not None:
-            memory = torch.cat([model.bos_embedding.to(hidden.dtype), memory], dim=1)
-            num_bos = 1
-        prefix_len = num_bos + min(K, n)
-    else:
-        memory, prefix_len = hidden.new_zeros(L, 0, d), 0
-    recomputed = memory[:, prefix_len:]  # the K - n newest old slots when n < K, else nothing
-    computed_len = recomputed.shape[1] + n
-
-    cache = DynamicCache() if prefix_len else None
-    if prefix_len:
-        prefix_rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, prefix_len)
-        for i, layer in enumerate(decoder.layers):
-            keys, values = prefix_keys_values(layer, memory[i : i + 1, :prefix_len], prefix_rope)
-            cache.update(keys, values, i)
-    rope = rotary_embeddings(decoder.rotary_emb, hidden, prefix_len, computed_len)
-    position_ids = torch.arange(prefix_len, prefix_len + computed_len, device=hidden.device)[None]
-    mask = create_causal_mask(
-        config=decoder.config,
-        inputs_embeds=hidden.new_empty(1, computed_len, 0),
-        attention_mask=None,
-        cache=cache,
-        position_ids=position_ids,
-    )
-
-    new_slots = []
-    for i, layer in enumerate(decoder.layers):
-        x = torch.cat([recomputed[i : i + 1], hidden], dim=1)
-        x = torch.cat([x[:, :-K], x[:, -K:] + model.new_memory_positional_emb.to(x.dtype)], dim=1)
-        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope, cache=cache)
-        new_slots.append(out[0, -K:])
-        hidden = out[:, -n:]
-    return torch.stack(new_slots)
+    return compute_slots_batch(model, [state], [input_ids.reshape(-1)])[0]
 
 
 def compute_first_write_slots(model: MemoryLLM, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -184,6 +145,22 @@ def compute_new_slots_batch(model: MemoryLLM, states: list[MemoryState], context
     return [stacked[b, :, c - K : c] for b, c in enumerate(computed.tolist())]
 
 
+def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: list[torch.Tensor]) -> list:
+    """`compute_new_slots` of one context per state, empty and written pools alike, in (at most) two batches."""
+    slots: list = [None] * len(states)
+    empty = [b for b, state in enumerate(states) if not state.initialized]
+    filled = [b for b, state in enumerate(states) if state.initialized]
+    if empty:
+        for b, new in zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])):
+            slots[b] = new
+    if filled:
+        for b, new in zip(
+            filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled])
+        ):
+            slots[b] = new
+    return slots
+
+
 def split_into_chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
     """Cut a 1-D id tensor into the fewest near-equal chunks of at most `chunk_size` tokens.
 
@@ -275,19 +252,10 @@ def inject_batch(
         raise ValueError(f"contexts of {too_long} tokens need several chunks: use inject")
     injections = [state.record_injection(source, c.numel()) for state, c in zip(states, contexts)]
     model.adapters.activate("write")
-    empty = [b for b, state in enumerate(states) if not state.initialized]
-    filled = [b for b, state in enumerate(states) if state.initialized]
-    slots: dict[int, torch.Tensor] = {}
-    if empty:
-        slots.update(zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])))
-    if filled:
-        slots.update(
-            zip(filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled]))
-        )
-    for b, (state, injection) in enumerate(zip(states, injections)):
+    for state, new, injection in zip(states, compute_slots_batch(model, states, contexts), injections):
         protected = model.protected_slots(state)
         evicted = write_slots(
-            state, slots[b], injection.id, per_layer=model.config.drop_memory_per_layer, protected=protected
+            state, new, injection.id, per_layer=model.config.drop_memory_per_layer, protected=protected
         )
         model.after_write(state, evicted)
     return [injection.id for injection in injections]

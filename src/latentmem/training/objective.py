@@ -38,7 +38,7 @@ from ..modeling import MemoryLLM
 from ..pool import write_slots
 from ..prefix import prefix_keys_values, rotary_embeddings
 from ..state import MemoryState
-from ..writing import compute_first_write_slots, compute_new_slots, inject_batch
+from ..writing import compute_slots_batch, inject_batch
 
 IGNORE = -100
 
@@ -96,8 +96,8 @@ class MemoryObjective(nn.Module):
         # time: its second episode must see the first one's writes.
         uses = Counter(id(state) for state in states)
         alone = [not e.in_context and uses[id(s)] == 1 for e, s in zip(episodes, states)]
-        fresh = [i for i, e in enumerate(episodes) if alone[i] and e.write_with_grad and not states[i].initialized]
-        batches = [(fresh, self.first_write_losses)]
+        with_grad = [i for i, e in enumerate(episodes) if alone[i] and e.write_with_grad]
+        batches = [(with_grad, self.write_losses)]
         if self.model.reads_short_term_only:  # written without gradient, then the whole pool is read
             pooled = [i for i, e in enumerate(episodes) if alone[i] and not e.write_with_grad]
             batches.append((pooled, self.pool_read_losses))
@@ -111,27 +111,21 @@ class MemoryObjective(nn.Module):
         return torch.stack([r.loss_sum for r in results]).sum() / num_labels, results
 
     def run_episode(self, episode: Episode, state: MemoryState) -> EpisodeResult:
-        model, device = self.model, self.model.device
+        """One episode on its own (a state shared by several episodes, or an M+ read of a whole state)."""
         if episode.write_with_grad:
-            (context,) = episode.contexts
-            injection = state.record_injection("train", context.numel())
-            model.adapters.activate("write")
-            new_slots = compute_new_slots(model, state, context.to(device))  # [L, K, d], with grad
-            loss_sum, count = self.target_loss(episode, memory=new_slots)  # read [bos ; new slots]
-            write_slots(state, new_slots.detach(), injection.id, per_layer=model.config.drop_memory_per_layer)
-            return EpisodeResult(loss_sum, count, [injection.id])
+            return self.write_losses([episode], [state])[0]
         ids = [
-            model.inject(state, input_ids=context, allow_short=True, source="train").injection_id
+            self.model.inject(state, input_ids=context, allow_short=True, source="train").injection_id
             for context in episode.contexts
         ]
         loss_sum, count = self.target_loss(episode, memory=state)
         return EpisodeResult(loss_sum, count, ids)
 
-    def first_write_losses(self, episodes: list[Episode], states: list[MemoryState]) -> list[EpisodeResult]:
-        """`run_episode` for one-context episodes into empty memories, batched (same losses, one pass each way).
+    def write_losses(self, episodes: list[Episode], states: list[MemoryState]) -> list[EpisodeResult]:
+        """One-context episodes whose write keeps its gradient, batched: the targets read `[bos ; new slots]`.
 
-        Writes: `compute_first_write_slots`. Reads: row b's memory `[bos ; its slots]` is left-padded
-        to the longest, so every target starts at the same position; RoPE sees only distances, which
+        Writes: `compute_slots_batch`. Reads (`read_slots`): row b's memory is left-padded to the
+        longest, so every target starts at the same position; RoPE sees only distances, which
         left-padding keeps, and the padded memory positions are masked out.
         """
         if not episodes:
@@ -139,7 +133,7 @@ class MemoryObjective(nn.Module):
         model = self.model
         injections = [state.record_injection("train", e.contexts[0].numel()) for e, state in zip(episodes, states)]
         model.adapters.activate("write")
-        slots = compute_first_write_slots(model, [e.contexts[0] for e in episodes])  # [L, m_b, d] each
+        slots = compute_slots_batch(model, states, [e.contexts[0].to(model.device) for e in episodes])  # with grad
         loss_sums, counts = self.read_slots(episodes, slots)
         for state, new, injection in zip(states, slots, injections):
             write_slots(state, new.detach(), injection.id, per_layer=model.config.drop_memory_per_layer)
@@ -176,33 +170,29 @@ class MemoryObjective(nn.Module):
         cache = DynamicCache(config=model.backbone.config)
         for i, layer in enumerate(model.decoder.layers):
             cache.update(*prefix_keys_values(layer, vectors[i].to(model.dtype), rope), i)
-        ids = pad_sequence([e.target for e in episodes], batch_first=True).to(device)
-        labels = pad_sequence([e.labels for e in episodes], batch_first=True, padding_value=IGNORE).to(device)
-        lengths = torch.tensor([e.target.numel() for e in episodes], device=device)
-        target_real = torch.arange(ids.shape[1], device=device) < lengths[:, None]
+        ids, labels, target_real = self.padded_targets(episodes)
         inputs = model.embed(ids, attention_mask=target_real.long())
         positions = torch.arange(longest, longest + ids.shape[1], device=device).expand(len(episodes), -1)
         mask = torch.cat([prefix_real, target_real], dim=1).long()
         logits = model.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache,
-                                use_cache=True).logits[:, :-1]  # fmt: skip
-        losses = F.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
-        counts = (labels[:, 1:] != IGNORE).sum(dim=1).tolist()
-        return list(losses.sum(dim=1)), counts
+                                use_cache=True).logits  # fmt: skip
+        return summed_losses(logits, labels)
 
     def in_context_losses(self, episodes: list[Episode]) -> list[EpisodeResult]:
         """Plain LM loss of in-context episodes, as one right-padded batch without memory."""
         if not episodes:
             return []
+        ids, labels, real = self.padded_targets(episodes)
+        logits = self.model(ids, attention_mask=real.long(), memory=None, use_cache=False).logits
+        return [EpisodeResult(loss, count, []) for loss, count in zip(*summed_losses(logits, labels))]
+
+    def padded_targets(self, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Targets and labels right-padded into `[B, T]` on the model's device, and where they are real."""
         device = self.model.device
         ids = pad_sequence([e.target for e in episodes], batch_first=True).to(device)
         labels = pad_sequence([e.labels for e in episodes], batch_first=True, padding_value=IGNORE).to(device)
         lengths = torch.tensor([e.target.numel() for e in episodes], device=device)
-        mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
-        logits = self.model(ids, attention_mask=mask, memory=None, use_cache=False).logits[:, :-1]
-        labels = labels[:, 1:]
-        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-        counts = (labels != IGNORE).sum(dim=1).tolist()
-        return [EpisodeResult(losses[row].sum(), counts[row], []) for row in range(len(episodes))]
+        return ids, labels, torch.arange(ids.shape[1], device=device) < lengths[:, None]
 
     def target_loss(self, episode: Episode, memory) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over the target's labelled positions."""
@@ -211,3 +201,10 @@ class MemoryObjective(nn.Module):
         labels = episode.labels[1:].to(device)
         loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
         return loss_sum, int((labels != IGNORE).sum())
+
+
+def summed_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """Per row: summed next-token cross-entropy over the labelled positions, and their count."""
+    labels = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return list(losses.sum(dim=1)), (labels != IGNORE).sum(dim=1).tolist()
