@@ -1,7 +1,8 @@
 """The memory server, started for real on a loopback port and called with real HTTP clients.
 
 Most tests run uvicorn in a thread of this process (a fresh data directory each); restart and
-kill -9 run the server in a forked process. The model is a tiny random one.
+kill -9 run the server in a child process. The model is a tiny random one (the same weights in
+every process: `untrained_model` is deterministic).
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ FACT = "Ada's locker code is 4711; she keeps it in the green notebook on the sec
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+TINY = {"hidden_size": 64, "num_layers": 2, "num_tokens": 8, "num_blocks": 4}
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    return untrained_model(hidden_size=64, num_layers=2, num_tokens=8, num_blocks=4)
+    return untrained_model(**TINY)
 
 
 class ThreadServer:
@@ -299,23 +303,34 @@ def test_model_gate_lets_nobody_overtake_a_waiter_of_the_other_role():
 
 
 # --- restarts and crashes -----------------------------------------------------------------------
-def _serve(model, tokenizer, data_dir: Path, sock: socket.socket) -> None:
+def _serve(data_dir: Path, sock: socket.socket) -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises the signal after its graceful shutdown
-    app = create_app(model, tokenizer, data_dir=data_dir, api_keys=KEYS, model_name="tiny")
+    app = create_app(*untrained_model(**TINY), data_dir=data_dir, api_keys=KEYS, model_name="tiny")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     (data_dir / "clean-exit").touch()  # reached only after the app's shutdown finished
 
 
-def start_process(tiny, data_dir: Path) -> tuple[multiprocessing.Process, str]:
-    """The server in a forked process (the model is already loaded here, so it starts in a second)."""
+# Children start from a clean interpreter (a fork server), never as a fork of this process: a fork
+# copies locks that this process's other threads (uvicorn, httpx, torch's pool) may hold at that
+# instant, and a child that needs one waits forever (seen once as a hung suite).
+SERVER_PROCESSES = multiprocessing.get_context("forkserver")
+# What the children import, loaded once in the fork server (this test module itself is not
+# importable there: Python 3.11's fork server ignores this process's sys.path).
+SERVER_PROCESSES.set_forkserver_preload(
+    ["httpx", "openai", "pytest", "uvicorn", "latentmem.models", "latentmem.server"]
+)
+
+
+def start_process(data_dir: Path) -> tuple[multiprocessing.Process, str]:
+    """The server in a child process, answering on a loopback port bound here."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    process = multiprocessing.get_context("fork").Process(target=_serve, args=(*tiny, data_dir, sock), daemon=True)
+    process = SERVER_PROCESSES.Process(target=_serve, args=(data_dir, sock), daemon=True)
     process.start()
     sock.close()
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while time.time() < deadline and process.is_alive():
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -326,8 +341,8 @@ def start_process(tiny, data_dir: Path) -> tuple[multiprocessing.Process, str]:
     raise RuntimeError(f"server did not start (exit code {process.exitcode})")
 
 
-def test_memory_survives_a_graceful_restart(tiny, tmp_path):
-    process, url = start_process(tiny, tmp_path)
+def test_memory_survives_a_graceful_restart(tmp_path):
+    process, url = start_process(tmp_path)
     alice, bob = (
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=60) for k in (ALICE, BOB)
     )
@@ -340,7 +355,7 @@ def test_memory_survives_a_graceful_restart(tiny, tmp_path):
     process.join(60)
     assert process.exitcode == 0 and (tmp_path / "clean-exit").exists()
 
-    process, url = start_process(tiny, tmp_path)
+    process, url = start_process(tmp_path)
     try:
         alice, bob = (
             httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=60) for k in (ALICE, BOB)
@@ -354,7 +369,7 @@ def test_memory_survives_a_graceful_restart(tiny, tmp_path):
 
 
 def test_kill_9_mid_write_leaves_every_state_loadable_with_every_acknowledged_write(tmp_path, tiny):
-    process, url = start_process(tiny, tmp_path)
+    process, url = start_process(tmp_path)
     acked: dict[str, list[int]] = {}
     stop = threading.Event()
 
@@ -370,12 +385,16 @@ def test_kill_9_mid_write_leaves_every_state_loadable_with_every_acknowledged_wr
 
     threads = [threading.Thread(target=writer, args=(s,)) for s in ["default", "default", "a", "b", "c", "d"]]
     [t.start() for t in threads]
-    while sum(map(len, acked.values())) < 30:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.join()
-    stop.set()
-    [t.join() for t in threads]
+    try:
+        deadline = time.time() + 120
+        while sum(map(len, acked.values())) < 30:
+            assert process.is_alive() and time.time() < deadline, f"{sum(map(len, acked.values()))} writes acknowledged"
+            time.sleep(0.02)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        stop.set()
+        [t.join() for t in threads]
 
     files = sorted((tmp_path / "states" / "alice").glob("*.safetensors"))
     assert {s for s, ids in acked.items() if ids} <= {f.stem for f in files} <= {"a", "b", "c", "d", "default"}
