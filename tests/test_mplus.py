@@ -229,3 +229,20 @@ def test_training_reads_an_mplus_memory_through_its_retrieval_one_state_at_a_tim
     objective.run_episode = lambda e, s: calls.append(e) or MemoryObjective.run_episode(objective, e, s)
     loss, _ = objective(episodes, states)
     assert len(calls) == 2 and torch.isfinite(loss)
+
+
+def test_a_training_write_with_gradient_moves_evicted_slots_to_long_term_memory_as_inject_does():
+    """Training's one-context writes keep their gradient, but update the pool exactly as `inject`."""
+    from latentmem.training import Episode, MemoryObjective
+
+    model = make_mplus().train()
+    context, target = random_ids(20, 55)[0], random_ids(10, 66)[0]
+    trained, injected = filled(model, 8, seed=1), filled(model, 8, seed=1)
+    before = trained.ltm.size(0)
+    loss, _ = MemoryObjective(model)([Episode([context], target, target.clone())], [trained])
+    loss.backward()
+    model.inject(injected, input_ids=context, allow_short=True, source="train")
+    assert trained.ltm.size(0) > before  # the write evicted slots, and they went to long-term memory
+    for layer in range(model.backbone.config.num_hidden_layers):
+        assert torch.equal(trained.ltm.sources(layer), injected.ltm.sources(layer))
+    torch.testing.assert_close(trained.stm, injected.stm, atol=1e-5, rtol=1e-5)

@@ -178,7 +178,6 @@ def test_fact_task_asks_in_the_tokenizers_chat_format_and_scores_only_the_answer
     assert question.endswith("?")
 
 
-
 def test_a_stage_sets_the_share_of_copy_targets(tmp_path):
     from latentmem.models import byte_tokenizer
     from latentmem.training import FactTask
@@ -196,6 +195,8 @@ def test_a_stage_sets_the_share_of_copy_targets(tmp_path):
     assert set(relations(Stage(1, num_blocks=1, in_context=0.5, copy_fraction=1.0))) == {"copy"}
     mixed = relations(Stage(1, num_blocks=1, in_context=0.5, copy_fraction=0.5))
     assert 5 < mixed.count("copy") < 35
+
+
 def test_memory_path_training_freezes_the_base():
     model = make_model()
     names = {n for n, p in model.named_parameters() if p in set(trainable_parameters(model, train_all=False))}
@@ -292,7 +293,9 @@ def test_tiny_preset_loads_and_is_a_few_megabytes():
     from latentmem.training.presets import QA_CHAT_TEMPLATE
 
     assert tokenizer.chat_template == QA_CHAT_TEMPLATE  # chats in the shape it was trained on
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == QUESTION_FORMAT.format(question="Who?")
     assert model.config.token_shift and model.token_shift is not None
     from latentmem.models import load_model
@@ -469,7 +472,9 @@ def test_train_preset_starts_from_a_given_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(presets.SMOLLM2, "build", build)
     seen = []
-    monkeypatch.setattr(presets.Trainer, "train", lambda self, resume=False: seen.append(self.model.bos_embedding.clone()) or tmp_path)
+    monkeypatch.setattr(
+        presets.Trainer, "train", lambda self, resume=False: seen.append(self.model.bos_embedding.clone()) or tmp_path
+    )
     presets.train_preset("smollm2-135m", tmp_path / "run", init=tmp_path / "start", progress=False)
     assert torch.equal(seen[0], torch.full_like(seen[0], 0.5))  # training began from the adapter's weights
     with pytest.raises(TypeError, match="trains every weight"):

@@ -43,7 +43,7 @@ class InjectionResult:
     slots_written: int  # new slots per layer, summed over chunks
 
 
-def compute_new_slots(model: "MemoryLLM", state: MemoryState, input_ids: torch.Tensor) -> torch.Tensor:
+def compute_new_slots(model: MemoryLLM, state: MemoryState, input_ids: torch.Tensor) -> torch.Tensor:
     """The slots one context writes, `[L, K, d]` (`[L, min(K, n), d]` into an empty pool).
 
     Pure: `state` is only read. Differentiable when called with gradients enabled (training). One
@@ -51,6 +51,13 @@ def compute_new_slots(model: "MemoryLLM", state: MemoryState, input_ids: torch.T
     and `compute_first_write_slots` (empty pool).
     """
     return compute_slots_batch(model, [state], [input_ids.reshape(-1)])[0]
+
+
+def new_memory_embedding(model: MemoryLLM, positions: torch.Tensor, ends: torch.Tensor, dtype) -> torch.Tensor:
+    """`[B, T, d]`: the new-memory embedding at row b's K positions before `ends[b]` (what becomes memory), 0 elsewhere."""
+    K = model.config.num_tokens
+    newest = (positions[None] >= ends[:, None] - K) & (positions[None] < ends[:, None])
+    return newest[..., None].to(dtype) * model.new_memory_positional_emb.to(dtype)
 
 
 def compute_first_write_slots(model: MemoryLLM, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -66,8 +73,7 @@ def compute_first_write_slots(model: MemoryLLM, contexts: list[torch.Tensor]) ->
     ids = torch.nn.utils.rnn.pad_sequence([c.to(device) for c in contexts], batch_first=True)
     hidden = model.embed(ids)  # [B, n_max, d]; a pad's token shift only reaches later pads
     positions = torch.arange(ids.shape[1], device=device)
-    newest = (positions >= lengths[:, None] - K) & (positions < lengths[:, None])  # each row's last K real tokens
-    new_memory_emb = newest[..., None].to(hidden.dtype) * model.new_memory_positional_emb.to(hidden.dtype)
+    new_memory_emb = new_memory_embedding(model, positions, lengths, hidden.dtype)
     rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, ids.shape[1])
     mask = create_causal_mask(
         config=decoder.config,
@@ -122,8 +128,7 @@ def compute_new_slots_batch(model: MemoryLLM, states: list[MemoryState], context
     embedded = model.embed(ids)  # [B, n_max, d]
     context_index = (position[None] - recomputed[:, None]).clamp(0, ids.shape[1] - 1)  # context token at each position
     hidden = embedded.gather(1, context_index[..., None].expand(-1, -1, embedded.shape[-1]))  # [B, C, d]
-    newest = (position[None] >= computed[:, None] - K) & (position[None] < computed[:, None])
-    new_memory_emb = newest[..., None].to(hidden.dtype) * model.new_memory_positional_emb.to(hidden.dtype)
+    new_memory_emb = new_memory_embedding(model, position, computed, hidden.dtype)
 
     cache = DynamicCache()
     prefix_rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, P)
@@ -147,18 +152,24 @@ def compute_new_slots_batch(model: MemoryLLM, states: list[MemoryState], context
 
 def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: list[torch.Tensor]) -> list:
     """`compute_new_slots` of one context per state, empty and written pools alike, in (at most) two batches."""
-    slots: list = [None] * len(states)
     empty = [b for b, state in enumerate(states) if not state.initialized]
     filled = [b for b, state in enumerate(states) if state.initialized]
+    slots = {}
     if empty:
-        for b, new in zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])):
-            slots[b] = new
+        slots.update(zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])))
     if filled:
-        for b, new in zip(
-            filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled])
-        ):
-            slots[b] = new
-    return slots
+        slots.update(
+            zip(filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled]))
+        )
+    return [slots[b] for b in range(len(states))]
+
+
+def store_slots(model: MemoryLLM, state: MemoryState, new: torch.Tensor, injection_id: int) -> None:
+    """Put one write's new slots into `state`'s pool, as every write does: random drops sparing the
+    model's protected slots, then the model's `after_write` (M+: evicted slots into long-term memory)."""
+    protected = model.protected_slots(state)
+    evicted = write_slots(state, new, injection_id, per_layer=model.config.drop_memory_per_layer, protected=protected)
+    model.after_write(state, evicted)
 
 
 def split_into_chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
@@ -198,7 +209,7 @@ def tokenize_context(input_ids=None, text=None, tokenizer=None) -> torch.Tensor:
 
 @torch.no_grad()
 def inject(
-    model: "MemoryLLM",
+    model: MemoryLLM,
     state: MemoryState,
     input_ids=None,
     text: str | None = None,
@@ -229,9 +240,7 @@ def inject(
     slots = 0
     for chunk in chunks:
         new = compute_new_slots(model, state, chunk.to(model.device))
-        protected = model.protected_slots(state)
-        evicted = write_slots(state, new, injection.id, per_layer=cfg.drop_memory_per_layer, protected=protected)
-        model.after_write(state, evicted)
+        store_slots(model, state, new, injection.id)
         slots += new.shape[1]
     return InjectionResult(injection.id, len(chunks), ids.numel(), slots)
 
@@ -250,12 +259,10 @@ def inject_batch(
     too_long = [c.numel() for c in contexts if c.numel() > model.config.chunk_size]
     if too_long:
         raise ValueError(f"contexts of {too_long} tokens need several chunks: use inject")
+    for state in states:
+        model.check_state(state)
     injections = [state.record_injection(source, c.numel()) for state, c in zip(states, contexts)]
     model.adapters.activate("write")
     for state, new, injection in zip(states, compute_slots_batch(model, states, contexts), injections):
-        protected = model.protected_slots(state)
-        evicted = write_slots(
-            state, new, injection.id, per_layer=model.config.drop_memory_per_layer, protected=protected
-        )
-        model.after_write(state, evicted)
+        store_slots(model, state, new, injection.id)
     return [injection.id for injection in injections]

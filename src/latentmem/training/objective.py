@@ -35,10 +35,9 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from ..modeling import MemoryLLM
-from ..pool import write_slots
 from ..prefix import prefix_keys_values, rotary_embeddings
 from ..state import MemoryState
-from ..writing import compute_slots_batch, inject_batch
+from ..writing import compute_slots_batch, inject_batch, store_slots
 
 IGNORE = -100
 
@@ -135,8 +134,9 @@ class MemoryObjective(nn.Module):
         model.adapters.activate("write")
         slots = compute_slots_batch(model, states, [e.contexts[0].to(model.device) for e in episodes])  # with grad
         loss_sums, counts = self.read_slots(episodes, slots)
-        for state, new, injection in zip(states, slots, injections):
-            write_slots(state, new.detach(), injection.id, per_layer=model.config.drop_memory_per_layer)
+        with torch.no_grad():
+            for state, new, injection in zip(states, slots, injections):
+                store_slots(model, state, new.detach(), injection.id)
         return [EpisodeResult(loss, count, [injection.id])
                 for loss, count, injection in zip(loss_sums, counts, injections)]  # fmt: skip
 
