@@ -124,6 +124,23 @@ def test_each_sample_starts_from_a_reset_memory():
     assert method.seed == 6  # seed + sample index
 
 
+def test_warmup_writes_the_samples_last_distractors_before_the_context():
+    method = LastThree(None)
+    seen = []
+    method.answer = lambda q, inner=LastThree.answer: (seen.append(list(method.seen)), inner(method, q))[1]
+    result = run_protocol([method], [sample(0, n=6)], (0, 2), warmup=2, progress=False)
+    warm = ["distractor 0-4 about nothing", "distractor 0-5 about nothing"]
+    assert seen[0] == [*warm, "The code of person 0 is 4711."]
+    assert seen[1] == [*seen[0], "distractor 0-0 about nothing", "distractor 0-1 about nothing"]
+    assert [r["tokens_injected"] for r in result.records] == [7 + 8, 7 + 16]  # the warm-up's words count too
+    assert [r["exact"] for r in result.records] == [True, True]
+    # "last": each checkpoint's fresh stream starts with the same warm-up
+    run_protocol([method], [sample(0, n=6)], (1,), position="last", warmup=2, progress=False)
+    assert seen[-1] == [*warm, "distractor 0-0 about nothing", "The code of person 0 is 4711."]
+    with pytest.raises(ValueError, match="warm-up needs 7"):
+        run_protocol([method], [sample(0, n=6)], (0, 5), warmup=2, progress=False)
+
+
 def test_protocol_rejects_checkpoints_beyond_the_distractors():
     with pytest.raises(ValueError, match="has 2 distractors"):
         run_protocol([LastThree(None)], [sample(0, n=2)], (0, 5), progress=False)

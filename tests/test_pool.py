@@ -177,3 +177,34 @@ def test_protected_slots_are_dropped_last():
         evicted = write_slots(s, slots(1, 8, 4, -1), injection_id=0, per_layer=False, protected=protected)
     assert (evicted.slots[0, :, 0] >= 20).all()
     assert set(range(20)) <= set(s.stm[0, :, 0].tolist())
+
+
+def test_recomputed_slots_keep_the_provenance_of_the_slots_they_rerun():
+    # A context shorter than K re-runs the pool's newest K - n slots ahead of it; under the causal
+    # mask they never see the context, so they are labelled with the injection that wrote them.
+    model = make_model()
+    K = model.config.num_tokens
+    s = model.new_memory(seed=0)
+    first = model.inject(s, input_ids=random_ids(K, seed=1), allow_short=True).injection_id
+    short = model.inject(s, input_ids=random_ids(K // 4, seed=2), allow_short=True).injection_id
+    newest = s.sources[:, -K:]
+    assert (newest[:, : K - K // 4] == first).all()
+    assert (newest[:, K - K // 4 :] == short).all()
+    # Forgetting the first injection also removes its re-run copies: none of its slots are left.
+    model.forget(s, injection_ids=[first])
+    assert not (s.sources == first).any()
+    assert (s.sources == short).any()
+
+
+def test_batched_writes_label_recomputed_slots_as_inject_does():
+    from latentmem.writing import inject_batch
+
+    model = make_model()
+    K = model.config.num_tokens
+    one, batched = model.new_memory(seed=0), model.new_memory(seed=0)
+    first = model.inject(one, input_ids=random_ids(K, seed=1), allow_short=True).injection_id
+    model.inject(batched, input_ids=random_ids(K, seed=1), allow_short=True)
+    model.inject(one, input_ids=random_ids(5, seed=2), allow_short=True)
+    inject_batch(model, [batched], [random_ids(5, seed=2)[0]])
+    assert (batched.sources[:, -K:][:, : K - 5] == first).all()
+    assert torch.equal(one.sources, batched.sources)

@@ -405,6 +405,7 @@ def eval_retention(
     samples: int = typer.Option(20, min=1, help="Questions per method."),
     checkpoints: str = typer.Option("0,1,2,5,10,20,50", help="Distractor counts after which the question is asked."),
     position: str = typer.Option("first", help="Where the answer's context goes: first, last, random."),
+    warmup: int = typer.Option(0, min=0, help="Distractors written before the answer's context (a memory in use is never empty)."),
     seed: int = typer.Option(0),
     max_new_tokens: int = typer.Option(12, min=1),
     out: Path = typer.Option(Path("eval-retention"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
@@ -420,7 +421,8 @@ def eval_retention(
     try:
         result = run_retention(
             model, tokenizer, [m.strip() for m in methods.split(",") if m.strip()], n_samples=samples,
-            checkpoints=steps, out_dir=out, dataset=dataset, position=position, seed=seed, max_new_tokens=max_new_tokens,
+            checkpoints=steps, out_dir=out, dataset=dataset, position=position, seed=seed, warmup=warmup,
+            max_new_tokens=max_new_tokens,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         _fail(str(err))

@@ -58,16 +58,24 @@ def write_slots(
     injection_id: int,
     per_layer: bool,
     protected: torch.Tensor | None = None,
+    recomputed: int = 0,
 ) -> Evicted | None:
     """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or random forgetting.
 
     Returns the evicted slots (None for the first write, which evicts nothing). `protected [L, N]`
-    marks slots to drop last.
+    marks slots to drop last. `recomputed`: how many of the new slots (the first ones) re-ran the
+    pool's newest slots instead of the context (a context shorter than K, SPEC §2). Under the causal
+    mask they never saw the context, so they keep the provenance of the slots they re-ran: forgetting
+    an injection removes its re-run copies, and M+ learns to retrieve them for its questions.
     """
     L, N, _ = state.shape
     k = new_slots.shape[1]
     new_slots = new_slots.detach().to(dtype=state.dtype, device=state.device)
     new_sources = torch.full((L, k), injection_id, dtype=torch.long)
+    if recomputed:
+        if not state.initialized or recomputed > k:
+            raise ValueError(f"{recomputed} recomputed slots need a written pool and at most the {k} new slots")
+        new_sources[:, :recomputed] = state.sources[:, N - recomputed :]  # the pool's newest r slots
     new_ages = torch.zeros(L, k, dtype=torch.long)
     evicted = None
 

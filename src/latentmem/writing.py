@@ -164,11 +164,19 @@ def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: l
     return [slots[b] for b in range(len(states))]
 
 
-def store_slots(model: MemoryLLM, state: MemoryState, new: torch.Tensor, injection_id: int) -> None:
+def store_slots(
+    model: MemoryLLM, state: MemoryState, new: torch.Tensor, injection_id: int, context_tokens: int
+) -> None:
     """Put one write's new slots into `state`'s pool, as every write does: random drops sparing the
-    model's protected slots, then the model's `after_write` (M+: evicted slots into long-term memory)."""
+    model's protected slots, then the model's `after_write` (M+: evicted slots into long-term memory).
+
+    `context_tokens`: the written context's length n; of the k new slots, the first k - n (if any)
+    re-ran old slots and keep their provenance (`write_slots`).
+    """
     protected = model.protected_slots(state)
-    evicted = write_slots(state, new, injection_id, per_layer=model.config.drop_memory_per_layer, protected=protected)
+    recomputed = max(0, new.shape[1] - context_tokens)
+    per_layer = model.config.drop_memory_per_layer
+    evicted = write_slots(state, new, injection_id, per_layer, protected=protected, recomputed=recomputed)
     model.after_write(state, evicted)
 
 
@@ -240,7 +248,7 @@ def inject(
     slots = 0
     for chunk in chunks:
         new = compute_new_slots(model, state, chunk.to(model.device))
-        store_slots(model, state, new, injection.id)
+        store_slots(model, state, new, injection.id, chunk.numel())
         slots += new.shape[1]
     return InjectionResult(injection.id, len(chunks), ids.numel(), slots)
 
@@ -263,6 +271,7 @@ def inject_batch(
         model.check_state(state)
     injections = [state.record_injection(source, c.numel()) for state, c in zip(states, contexts)]
     model.adapters.activate("write")
-    for state, new, injection in zip(states, compute_slots_batch(model, states, contexts), injections):
-        store_slots(model, state, new, injection.id)
+    written = compute_slots_batch(model, states, contexts)
+    for state, context, new, injection in zip(states, contexts, written, injections):
+        store_slots(model, state, new, injection.id, context.numel())
     return [injection.id for injection in injections]

@@ -4,7 +4,10 @@ For each sample a method is reset (fresh memory, fixed seed), observes the conte
 answer and then distractors one by one, and after each checkpoint count of distractors answers
 the question. With `position="first"` one stream serves every checkpoint; with "last" or
 "random" the context sits at the end of / somewhere among the first n distractors, so each
-checkpoint replays its own stream from a reset.
+checkpoint replays its own stream from a reset. With `warmup=w` every stream starts with w other
+distractors (the sample's last w, never among the n asked about): a memory in use is never empty,
+and a write into an empty memory fills the whole pool with copies of the context, which keeps it far
+longer than a write among older ones does.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ def run_protocol(
     *,
     position: str = "first",
     seed: int = 0,
+    warmup: int = 0,
     count_tokens: Callable[[str], int] = lambda text: len(text.split()),
     progress: bool = True,
 ) -> RetentionResult:
@@ -148,34 +152,39 @@ def run_protocol(
         position: where the answer-holding context goes: "first", "last" or "random" among the
             distractors seen so far.
         seed: sample i resets methods with seed + i (and draws its random position from it).
+        warmup: distractors observed before every stream (the sample's last `warmup`).
         count_tokens: how "tokens injected" are counted (pass the model's tokenizer).
     """
     from tqdm.auto import tqdm
 
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     checkpoints = sorted(set(checkpoints))
+    needed = (checkpoints[-1] if checkpoints else 0) + warmup
     for sample in samples:
-        if checkpoints and checkpoints[-1] > len(sample.distractors):
+        if needed > len(sample.distractors):
             raise ValueError(
-                f"sample {sample.id!r} has {len(sample.distractors)} distractors but the last checkpoint is "
-                f"{checkpoints[-1]}; build samples with at least that many"
+                f"sample {sample.id!r} has {len(sample.distractors)} distractors but the last checkpoint plus the "
+                f"warm-up needs {needed}; build samples with at least that many"
             )
-    result = RetentionResult(config={"checkpoints": checkpoints, "position": position, "seed": seed,
+    result = RetentionResult(config={"checkpoints": checkpoints, "position": position, "seed": seed, "warmup": warmup,
                                      "samples": len(samples), "methods": [m.name for m in methods]})  # fmt: skip
     steps = len(methods) * len(samples) * len(checkpoints)
     with tqdm(total=steps, desc="retention", disable=not progress) as bar:
         for method in methods:
             with PeakMemory() as peak:
                 for i, sample in enumerate(samples):
-                    for record in _run_sample(method, sample, checkpoints, position, seed + i, count_tokens, peak):
+                    records = _run_sample(method, sample, checkpoints, position, seed + i, warmup, count_tokens, peak)
+                    for record in records:
                         result.records.append(record)
                         bar.update()
             result.peak_memory[method.name] = {"rss_mb": peak.rss_mb, "heap_mb": peak.heap_mb, "cuda_mb": peak.cuda_mb}
     return result
 
 
-def _run_sample(method, sample, checkpoints, position, seed, count_tokens, peak):
+def _run_sample(method, sample, checkpoints, position, seed, warmup, count_tokens, peak):
     def ask(n: int, injected: int) -> dict:
         reply = method.answer(sample.question)
         peak.sample()
@@ -186,10 +195,17 @@ def _run_sample(method, sample, checkpoints, position, seed, count_tokens, peak)
             "prediction": reply.text, "answer": sample.answers[0] if sample.answers else "",
         }  # fmt: skip
 
-    if position == "first":  # one stream: context, then distractors, asking on the way
+    warm = sample.distractors[len(sample.distractors) - warmup :] if warmup else ()
+
+    def start() -> int:  # reset, observe the warm-up; returns the tokens it injected
         method.reset(seed)
+        for text in warm:
+            method.observe(text)
+        return sum(count_tokens(text) for text in warm)
+
+    if position == "first":  # one stream: context, then distractors, asking on the way
+        injected, seen = start() + count_tokens(sample.context), 0
         method.observe(sample.context)
-        injected, seen = count_tokens(sample.context), 0
         for n in checkpoints:
             for text in sample.distractors[seen:n]:
                 method.observe(text)
@@ -201,7 +217,7 @@ def _run_sample(method, sample, checkpoints, position, seed, count_tokens, peak)
     for n in checkpoints:  # the context's place depends on n: a fresh stream per checkpoint
         at = n if position == "last" else rng.randint(0, n)
         stream = [*sample.distractors[:at], sample.context, *sample.distractors[at:n]]
-        method.reset(seed)
+        injected = start()
         for text in stream:
             method.observe(text)
-        yield ask(n, sum(count_tokens(t) for t in stream))
+        yield ask(n, injected + sum(count_tokens(t) for t in stream))

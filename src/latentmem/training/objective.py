@@ -135,8 +135,8 @@ class MemoryObjective(nn.Module):
         slots = compute_slots_batch(model, states, [e.contexts[0].to(model.device) for e in episodes])  # with grad
         loss_sums, counts = self.read_slots(episodes, slots)
         with torch.no_grad():
-            for state, new, injection in zip(states, slots, injections):
-                store_slots(model, state, new.detach(), injection.id)
+            for state, episode, new, injection in zip(states, episodes, slots, injections):
+                store_slots(model, state, new.detach(), injection.id, episode.contexts[0].numel())
         return [EpisodeResult(loss, count, [injection.id])
                 for loss, count, injection in zip(loss_sums, counts, injections)]  # fmt: skip
 
