@@ -12,6 +12,9 @@ checkpoint asks the document's questions three ways, with the same short-term me
 - `oracle`: M+ whose retrieval returns the document's own evicted slots (then random others), the
   ceiling a perfect retriever would reach with this language model.
 
+`--retrieved-position` places M+'s retrieved slots (`MPlusConfig.retrieved_slots_position`):
+"first" (before the short-term pool, as the release), "before_newest_write" or "last".
+
 `--pin-document` pins the document (M+'s `importance=inf` with up to a quarter of the pool spared
 by drops), so all its slots stay in the short-term pool: that separates losing slots from reading
 far back.
@@ -57,15 +60,27 @@ def answers_exactly(model, memory, prompt: torch.Tensor, answer: torch.Tensor, w
     return bool((logits[0, start : start + answer.numel() - 1].argmax(-1) == answer[:-1]).all())
 
 
+def retriever_weights(path: str) -> dict:
+    """The `retrievers` state dict from an M+ model folder or a retriever.safetensors file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    trained, _ = load_model(path)
+    return trained.retrievers.state_dict()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="a trained MemoryLLM: preset name or folder")
-    parser.add_argument("--retriever", help="an M+ folder whose retrievers to use (e.g. runs/tiny-mplus/final)")
+    parser.add_argument("--retriever", help="retrievers to use: an M+ folder (e.g. runs/tiny-mplus/final) or the "
+                        "retriever.safetensors of scripts/train_retriever.py")  # fmt: skip
     parser.add_argument("--documents", type=int, default=40)
     parser.add_argument("--checkpoints", default="0,2,5,10,20")
     parser.add_argument("--warmup", type=int, default=10, help="filler writes before the document")
     parser.add_argument("--ltm-blocks", type=int, default=2, help="blocks of K slots retrieved from long-term memory")
     parser.add_argument("--key-dim", type=int, default=32, help="retriever key size (must match --retriever)")
+    parser.add_argument("--retrieved-position", default="first", choices=["first", "before_newest_write", "last"])
     parser.add_argument("--pin-document", action="store_true", help="keep the document's slots in the short-term pool")
     parser.add_argument("--seed", type=int, default=30000)
     parser.add_argument("--threads", type=int, default=2)
@@ -76,16 +91,14 @@ def main() -> None:
     base, tokenizer = load_model(args.model)
     # Same short-term pool as the MemoryLLM (its num_blocks), plus the retrieved blocks on top.
     model = mplus_from(base, num_blocks=base.config.num_blocks + args.ltm_blocks, num_ltm_blocks=args.ltm_blocks,
-                       selector_hidden_dim=args.key_dim)  # fmt: skip
+                       selector_hidden_dim=args.key_dim, retrieved_slots_position=args.retrieved_position)  # fmt: skip
     del base
     if args.pin_document:
         model.config.protect_pinned_fraction = 0.25
     if args.retriever:
-        trained, _ = load_model(args.retriever)
-        model.retrievers.load_state_dict(trained.retrievers.state_dict())
-        del trained
+        model.retrievers.load_state_dict(retriever_weights(args.retriever))
     print(f"short-term slots {model.config.memory_size}, retrieved {model.config.retrieved_slots}, "
-          f"retriever: {args.retriever or 'untrained'}", flush=True)  # fmt: skip
+          f"retriever: {args.retriever or 'untrained'}, retrieved slots: {args.retrieved_position}", flush=True)  # fmt: skip
 
     facts = FactGenerator(args.seed, "heldout", (1, 2))
     filler = FillerStream(filler_paragraphs(source="stdlib"), args.seed + 1)

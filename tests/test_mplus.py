@@ -45,7 +45,10 @@ def reference_mplus_logits(model, state, ids):
         top = scores.topk(count).indices
         top = top[torch.argsort(ages[top], descending=True, stable=True)]
         retrieved = torch.as_tensor(everything["slots"]).float()[top]
-        z = torch.cat([model.bos_embedding[i], retrieved, state.stm[i], h[0]])[None]
+        after = {"first": 0, "before_newest_write": state.num_slots - K, "last": state.num_slots}
+        split = after[model.config.retrieved_slots_position]
+        memory = [state.stm[i][:split], retrieved, state.stm[i][split:]]
+        z = torch.cat([model.bos_embedding[i], *memory, h[0]])[None]
         h = layer_forward(layer, z, z.shape[1] - h.shape[1], cfg, "decoder_adapter")
     h = rms_norm(model.backbone.model.norm, h)
     return F.linear(h, model.backbone.lm_head.weight)
@@ -86,8 +89,9 @@ def test_ages_advance_by_k_per_write_and_frequencies_decay_on_schedule():
     assert torch.as_tensor(first["frequencies"]).tolist() == [9.0] * K
 
 
-def test_reading_retrieves_per_layer_like_the_reference():
-    model = make_mplus()
+@pytest.mark.parametrize("placement", ["first", "before_newest_write", "last"])
+def test_reading_retrieves_per_layer_like_the_reference(placement):
+    model = make_mplus(retrieved_slots_position=placement)
     state = filled(model, 5)  # 4 evictions: 32 long-term slots per layer, 16 retrieved
     assert state.ltm.size(0) == 4 * K
     ids = random_ids(6, seed=3)
@@ -106,8 +110,9 @@ def test_fewer_long_term_slots_than_the_budget_are_all_used_once():
         torch.testing.assert_close(model(ids, memory=state).logits, reference_mplus_logits(model, state, ids), atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_keeps_the_prompts_retrieval():
-    model = make_mplus(promote_on_retrieval=0.0)
+@pytest.mark.parametrize("placement", ["first", "before_newest_write"])
+def test_greedy_generation_keeps_the_prompts_retrieval(placement):
+    model = make_mplus(promote_on_retrieval=0.0, retrieved_slots_position=placement)
     state = filled(model, 5)
     ids = random_ids(6, seed=3)
     out = model.generate(ids, memory=state, max_new_tokens=5, do_sample=False)

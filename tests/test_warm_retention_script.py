@@ -43,3 +43,20 @@ def test_teacher_forced_exact_hit_agrees_with_greedy_decoding():
             assert forced == greedy, qa
             verdicts.append(forced)
     assert any(verdicts) and not all(verdicts)  # both verdicts were checked
+
+
+def test_train_retriever_script_saves_retrievers_that_warm_retention_loads(tmp_path, monkeypatch):
+    import sys
+
+    spec = importlib.util.spec_from_file_location("train_retriever", SCRIPT.parent / "train_retriever.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    argv = ["train_retriever.py", "--model", "tiny", "--out", str(tmp_path), "--steps", "3", "--seconds", "60"]
+    monkeypatch.setattr(sys, "argv", argv)
+    trainer.main()
+    weights = load_script().retriever_weights(str(tmp_path / trainer.RETRIEVER_FILE))
+    base, _ = load_model("tiny")
+    model = mplus_from(base, num_blocks=base.config.num_blocks + 2, num_ltm_blocks=2, selector_hidden_dim=32)
+    before = {k: v.clone() for k, v in model.retrievers.state_dict().items()}
+    model.retrievers.load_state_dict(weights)  # strict: every retriever weight, nothing else
+    assert any(not torch.equal(before[k], v) for k, v in model.retrievers.state_dict().items())

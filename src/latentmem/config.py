@@ -105,7 +105,14 @@ class MPlusConfig(MemoryLLMConfig):
             behaviour, which never raises it and so forgets first-in-first-out).
         protect_pinned_fraction: at most this fraction of short-term slots is spared by random
             drops because it belongs to pinned injections (0: off, as in the release).
+        retrieved_slots_position: where a read puts the retrieved slots. "first": [bos ; retrieved ;
+            STM ; prompt], as the release. "before_newest_write": [bos ; older STM ; retrieved ;
+            newest K STM slots ; prompt]. "last": [bos ; STM ; retrieved ; prompt]. A model that
+            reads well only what sits close to the prompt (measured: the `tiny` preset) can use
+            what it retrieves only in the latter two.
     """
+
+    RETRIEVED_POSITIONS = ("first", "before_newest_write", "last")
 
     model_type = "latentmem_mplus"
 
@@ -121,6 +128,7 @@ class MPlusConfig(MemoryLLMConfig):
         ltm_index: str = "exact",
         promote_on_retrieval: float = 1.0,
         protect_pinned_fraction: float = 0.0,
+        retrieved_slots_position: str = "first",
         **kwargs: Any,
     ):
         self.num_ltm_blocks = num_ltm_blocks
@@ -133,9 +141,14 @@ class MPlusConfig(MemoryLLMConfig):
         self.ltm_index = ltm_index
         self.promote_on_retrieval = promote_on_retrieval
         self.protect_pinned_fraction = protect_pinned_fraction
+        self.retrieved_slots_position = retrieved_slots_position
         super().__init__(**kwargs)
         if not 0 < num_ltm_blocks < self.num_blocks:
             raise ValueError(f"num_ltm_blocks ({num_ltm_blocks}) must be between 1 and num_blocks - 1 ({self.num_blocks - 1})")
+        if retrieved_slots_position not in self.RETRIEVED_POSITIONS:
+            raise ValueError(
+                f"retrieved_slots_position must be one of {self.RETRIEVED_POSITIONS}, got {retrieved_slots_position!r}"
+            )
         if ltm_index not in ("exact", "ivf", "hnsw"):
             raise ValueError(f"ltm_index must be 'exact', 'ivf' or 'hnsw', got {ltm_index!r}")
 

@@ -1,4 +1,5 @@
-"""Reading with long-term memory (SPEC §5): retrieve per layer, then attend to [bos ; retrieved ; STM].
+"""Reading with long-term memory (SPEC §5): retrieve per layer, then attend to [bos ; retrieved ; STM]
+(other layouts: `MPlusConfig.retrieved_slots_position`).
 
 Which long-term slots a layer retrieves depends on the prompt's hidden states entering that layer,
 which depend on what earlier layers retrieved. So the first pass over a prompt walks the layers one
@@ -16,12 +17,22 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..prefix import prefix_keys_values, rotary_embeddings
+from ..prefix import prefix_keys_values
 from ..reading import compute_memory_prefix
 from ..state import MemoryState
 
 if TYPE_CHECKING:
     from ..mplus import MPlus
+
+
+def short_term_slots_before_retrieved(config, num_slots: int) -> int:
+    """How many short-term slots (oldest first) a read puts before the retrieved ones."""
+    placement = config.retrieved_slots_position
+    if placement == "first":
+        return 0
+    if placement == "before_newest_write":
+        return num_slots - min(config.num_tokens, num_slots)
+    return num_slots  # "last"
 
 
 def retrieve(model: "MPlus", state: MemoryState, layer: int, normed: torch.Tensor, count: int) -> torch.Tensor:
@@ -57,13 +68,20 @@ def prefill_with_retrieval(
     batch, n = input_ids.shape
     hidden = model.embed(input_ids, attention_mask=attention_mask)
     num_bos = 1 if model.bos_embedding is not None else 0
-    start = num_bos + count  # short-term slots sit behind bos and the retrieved slots
+    # Short-term slots read before the retrieved ones: none in the release's [bos ; retrieved ; STM];
+    # see `MPlusConfig.retrieved_slots_position` for the layouts that keep old slots near the prompt.
+    after = short_term_slots_before_retrieved(model.config, state.num_slots)
+    start = num_bos if after else num_bos + count  # position of the first short-term slot
     if model.training and torch.is_grad_enabled():
         stm = compute_memory_prefix(model, state.stm, start=start, with_bos=False)
     else:
         stm = model.prefix_cache.get(model, state, start=start, with_bos=False)
+    behind = None  # short-term slots behind the retrieved ones, at their positions there
+    if 0 < after < stm.length:
+        behind = compute_memory_prefix(model, state.stm[:, after:], start=num_bos + count + after, with_bos=False)
     prefix_len = num_bos + count + stm.length
-    head_rope = rotary_embeddings(decoder.rotary_emb, hidden, 0, num_bos + count)
+    head_positions = torch.cat([torch.arange(num_bos), torch.arange(num_bos + after, num_bos + after + count)])
+    head_rope = decoder.rotary_emb(hidden, position_ids=head_positions.to(hidden.device)[None])  # bos, then retrieved
     if position_ids is None:
         position_ids = torch.arange(n, device=hidden.device)[None].expand(batch, -1)
     position_ids = position_ids + prefix_len
@@ -85,8 +103,16 @@ def prefill_with_retrieval(
             heads.append(head)
         keys, values = prefix_keys_values(layer, torch.stack(heads), head_rope)
         stm_keys, stm_values = stm.layer(i)
-        keys = torch.cat([keys, stm_keys.expand(batch, -1, -1, -1)], dim=2)
-        values = torch.cat([values, stm_values.expand(batch, -1, -1, -1)], dim=2)
+        if behind is not None:
+            stm_keys = torch.cat([stm_keys[:, :, :after], behind.layer(i)[0]], dim=2)
+            stm_values = torch.cat([stm_values[:, :, :after], behind.layer(i)[1]], dim=2)
+        stm_keys, stm_values = stm_keys.expand(batch, -1, -1, -1), stm_values.expand(batch, -1, -1, -1)
+        keys = torch.cat(
+            [keys[:, :, :num_bos], stm_keys[:, :, :after], keys[:, :, num_bos:], stm_keys[:, :, after:]], 2
+        )
+        values = torch.cat(
+            [values[:, :, :num_bos], stm_values[:, :, :after], values[:, :, num_bos:], stm_values[:, :, after:]], 2
+        )
         cache.update(keys, values, i)
         if mask is None:  # every layer's prefix has the same length: one mask serves all
             mask = create_causal_mask(
@@ -94,7 +120,9 @@ def prefill_with_retrieval(
                 cache=cache, position_ids=position_ids,
             )  # fmt: skip
             # the mask was sized for the prompt on top of the prefix now in layer 0's cache
-        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=prompt_rope, cache=cache)
+        hidden = layer(
+            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=prompt_rope, cache=cache
+        )
     hidden = decoder.norm(hidden)
     kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
     logits = model.backbone.lm_head(kept)

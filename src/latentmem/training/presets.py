@@ -228,7 +228,9 @@ PRESETS = {p.name: p for p in (TINY, SMOLLM2)}
 
 # --- tiny-mplus: the tiny model with long-term memory and a trained retriever ---------------
 # Of the 8 blocks a read attends to, 2 are retrieved from long-term memory (as many slots as tiny reads).
-TINY_MPLUS_LTM = {"num_ltm_blocks": 2, "selector_hidden_dim": 32}
+# Retrieved slots go just before the newest write: the tiny model reads little that sits further from
+# the prompt (`scripts/warm_retention.py`: with the release's order, retrieval gained nothing).
+TINY_MPLUS_LTM = {"num_ltm_blocks": 2, "selector_hidden_dim": 32, "retrieved_slots_position": "before_newest_write"}
 # Phases of `train_retriever` (a tuple, so recipes with several phases fit): the retrievers alone on
 # the frozen tiny model. Measured alternatives, left out: + 400 co-training steps (the language model
 # also learns to answer from retrieved slots: recall after 10 distractors 0.07 -> 0.11 but right after

@@ -1,0 +1,66 @@
+"""Train M+ retrievers on top of a trained MemoryLLM (any preset or folder), the language model frozen.
+
+The M+ keeps the MemoryLLM's whole pool as its short-term memory and retrieves `--ltm-blocks`
+blocks on top (the comparison `scripts/warm_retention.py` makes: same short-term memory), reading
+them where `--retrieved-position` says. Writes `OUT/retriever.safetensors` (the retrievers only,
+float32), which `warm_retention.py --retriever` reads.
+
+    python scripts/train_retriever.py --model smollm2-135m --out runs/smol-retriever --seconds 900 \
+        --ltm-blocks 4 --key-dim 64 --retrieved-position before_newest_write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from latentmem.models import load_model
+from latentmem.training.retriever import evaluate_retriever, mplus_from, train_retriever
+
+RETRIEVER_FILE = "retriever.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="a trained MemoryLLM: preset name or folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, default=900, help="training budget")
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--ltm-blocks", type=int, default=2)
+    parser.add_argument("--key-dim", type=int, default=32)
+    parser.add_argument("--retrieved-position", default="before_newest_write",
+                        choices=["first", "before_newest_write", "last"])  # fmt: skip
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-questions", type=int, default=0, help="held-out retrieval check afterwards (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    base, tokenizer = load_model(args.model)
+    model = mplus_from(base, seed=args.seed, num_blocks=base.config.num_blocks + args.ltm_blocks,
+                       num_ltm_blocks=args.ltm_blocks, selector_hidden_dim=args.key_dim,
+                       retrieved_slots_position=args.retrieved_position)  # fmt: skip
+    del base
+    start = time.perf_counter()
+    with (args.out / "metrics.jsonl").open("w") as metrics:
+        records = train_retriever(model, tokenizer, steps=args.steps, lr=args.lr, seed=args.seed, max_seconds=args.seconds,
+                                  log=lambda record: metrics.write(json.dumps(record) + "\n"))  # fmt: skip
+    result = {"model": args.model, "steps": len(records), "train_seconds": round(time.perf_counter() - start, 1),
+              **{k: v for k, v in vars(args).items() if k not in ("out", "model")}}  # fmt: skip
+    retrievers = {name: p.detach().cpu().contiguous() for name, p in model.retrievers.state_dict().items()}
+    save_file(retrievers, args.out / RETRIEVER_FILE)
+    if args.eval_questions:
+        result["heldout_retrieval"] = evaluate_retriever(model, tokenizer, questions=args.eval_questions)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
