@@ -48,8 +48,10 @@ def run_demo(model: MemoryLLM | None = None, tokenizer=None, distractors: int = 
     write(filler.passage(20, 45), source="warm-up")
     result = write(document.text, source="facts")
     echo(f"model: {model.config.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    own = memory.surviving_slots().get(result.injection_id, 0) / memory.num_layers  # slots that saw the facts
+    rerun = f"; {result.slots_written - own:.0f} re-run the pool's newest slots" if own < result.slots_written else ""
     echo(f"wrote the facts {document.text!r}: {result.tokens} tokens -> {result.slots_written} new slots in each of "
-         f"{memory.num_layers} layers (pool: {N} slots/layer, {K} per write)")  # fmt: skip
+         f"{memory.num_layers} layers ({own:.0f} hold the facts{rerun}; pool: {N} slots/layer, {K} per write)")  # fmt: skip
     echo(f"a slot survives t later writes with probability (1 - {K}/{N})^t; half-life ~{0.69 * N / K:.0f} writes")
     ask("asked right after writing")
     for i in range(1, distractors + 1):
@@ -57,7 +59,7 @@ def run_demo(model: MemoryLLM | None = None, tokenizer=None, distractors: int = 
         if i in (1, 5, 10, 20, 40) or i == distractors:
             left = memory.surviving_slots().get(result.injection_id, 0) / memory.num_layers
             echo(f"after {i:>3} distractors: {left:5.1f} of the facts' slots per layer remain "
-                 f"(expected {K * (1 - K / N) ** i:5.1f})")  # fmt: skip
+                 f"(expected {own * (1 - K / N) ** i:5.1f})")  # fmt: skip
         if i in ASK_AFTER:
             ask(f"asked after {i} distractor passages")
     with tempfile.TemporaryDirectory() as tmp:
