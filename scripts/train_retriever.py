@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from latentmem.config import MPlusConfig
 from latentmem.models import load_model
 from latentmem.training.retriever import evaluate_retriever, mplus_from, train_retriever
 
@@ -33,8 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--ltm-blocks", type=int, default=2)
     parser.add_argument("--key-dim", type=int, default=32)
-    parser.add_argument("--retrieved-position", default="before_newest_write",
-                        choices=["first", "before_newest_write", "last"])  # fmt: skip
+    parser.add_argument("--retrieved-position", default="before_newest_write", choices=MPlusConfig.RETRIEVED_POSITIONS)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-questions", type=int, default=0, help="held-out retrieval check afterwards (0: none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -33,9 +33,9 @@ import time
 
 import torch
 
+from latentmem.config import MPlusConfig
 from latentmem.data.filler import FillerStream, filler_paragraphs
 from latentmem.data.synthetic import FactGenerator
-from latentmem.ltm.recall import prefill_with_retrieval
 from latentmem.modeling import MemoryLLM
 from latentmem.models import load_model
 from latentmem.training.retriever import answer_first_retrieval, mplus_from
@@ -49,13 +49,11 @@ def answers_exactly(model, memory, prompt: torch.Tensor, answer: torch.Tensor, w
                     generator: torch.Generator) -> bool:  # fmt: skip
     """Whether every answer token (the end token aside) is the argmax after the prompt and the answer so far."""
     ids = torch.cat([prompt, answer])[None]
-    count = model.retrieval_count(memory)
-    if way == "memoryllm" or not count:
+    if way == "memoryllm":
         logits = MemoryLLM.forward(model, ids, memory=memory, use_cache=False).logits  # short-term pool only
     else:
         choose = answer_first_retrieval(injection_id, generator) if way == "oracle" else None
-        out = prefill_with_retrieval(model, memory, ids, None, None, count, use_cache=False, retrieve_fn=choose)
-        logits = out.logits
+        logits = model(ids, memory=memory, use_cache=False, retrieve_fn=choose).logits
     start = prompt.numel() - 1
     return bool((logits[0, start : start + answer.numel() - 1].argmax(-1) == answer[:-1]).all())
 
@@ -80,7 +78,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="filler writes before the document")
     parser.add_argument("--ltm-blocks", type=int, default=2, help="blocks of K slots retrieved from long-term memory")
     parser.add_argument("--key-dim", type=int, default=32, help="retriever key size (must match --retriever)")
-    parser.add_argument("--retrieved-position", default="first", choices=["first", "before_newest_write", "last"])
+    parser.add_argument("--retrieved-position", default="first", choices=MPlusConfig.RETRIEVED_POSITIONS)
     parser.add_argument("--pin-document", action="store_true", help="keep the document's slots in the short-term pool")
     parser.add_argument("--seed", type=int, default=30000)
     parser.add_argument("--threads", type=int, default=2)
@@ -91,10 +89,9 @@ def main() -> None:
     base, tokenizer = load_model(args.model)
     # Same short-term pool as the MemoryLLM (its num_blocks), plus the retrieved blocks on top.
     model = mplus_from(base, num_blocks=base.config.num_blocks + args.ltm_blocks, num_ltm_blocks=args.ltm_blocks,
-                       selector_hidden_dim=args.key_dim, retrieved_slots_position=args.retrieved_position)  # fmt: skip
+                       selector_hidden_dim=args.key_dim, retrieved_slots_position=args.retrieved_position,
+                       protect_pinned_fraction=0.25 if args.pin_document else 0.0)  # fmt: skip
     del base
-    if args.pin_document:
-        model.config.protect_pinned_fraction = 0.25
     if args.retriever:
         model.retrievers.load_state_dict(retriever_weights(args.retriever))
     print(f"short-term slots {model.config.memory_size}, retrieved {model.config.retrieved_slots}, "
@@ -111,9 +108,8 @@ def main() -> None:
         for _ in range(args.warmup):
             model.inject(memory, text=filler.passage(20, 45), tokenizer=tokenizer, allow_short=True)
         importance = float("inf") if args.pin_document else 1.0
-        written = model.inject(memory, text=document.text, tokenizer=tokenizer, allow_short=True, importance=importance)
-        injection_id = written.injection_id
-        written = 0
+        fact = model.inject(memory, text=document.text, tokenizer=tokenizer, allow_short=True, importance=importance)
+        written = 0  # distractors written after the fact so far
         for n in checkpoints:
             for _ in range(n - written):
                 model.inject(memory, text=filler.passage(20, 45), tokenizer=tokenizer, allow_short=True)
@@ -121,7 +117,7 @@ def main() -> None:
             for qa in document.qa:
                 prompt, answer = qa_ids(tokenizer, qa)
                 for way in WAYS:
-                    hits[n][way] += answers_exactly(model, memory, prompt, answer, way, injection_id, generator)
+                    hits[n][way] += answers_exactly(model, memory, prompt, answer, way, fact.injection_id, generator)
                 asked[n] += 1
         print(f"document {i + 1}/{args.documents}, {time.perf_counter() - start:.0f} s", flush=True)
     print(f"\n| distractors | questions | {' | '.join(WAYS)} |\n|---|---|{'---|' * len(WAYS)}")

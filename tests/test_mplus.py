@@ -251,3 +251,40 @@ def test_a_training_write_with_gradient_moves_evicted_slots_to_long_term_memory_
     for layer in range(model.backbone.config.num_hidden_layers):
         assert torch.equal(trained.ltm.sources(layer), injected.ltm.sources(layer))
     torch.testing.assert_close(trained.stm, injected.stm, atol=1e-5, rtol=1e-5)
+
+
+def test_answer_loss_reads_with_the_read_adapter_even_right_after_a_write():
+    """Co-training asks fresh questions right after a write, whose adapter is then still active."""
+    from latentmem.training.retriever import Question, answer_loss
+
+    model = make_mplus()
+    state = filled(model, 5)
+    question = Question(state, random_ids(6, seed=3)[0], random_ids(3, seed=4)[0], injection_id=4, in_ltm=True)
+    with torch.no_grad():
+        model.adapters.activate("read")
+        after_read = answer_loss(model, question)
+        model.adapters.activate("write")  # as `inject` leaves it
+        after_write = answer_loss(model, question)
+    torch.testing.assert_close(after_write, after_read)
+
+
+def test_reads_with_retrieved_slots_among_short_term_ones_reuse_the_cached_prefix(monkeypatch):
+    from latentmem import reading
+    from latentmem.ltm import recall
+
+    model = make_mplus(retrieved_slots_position="before_newest_write", promote_on_retrieval=0.0)
+    state = filled(model, 5)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("gap"))
+        return reading_compute(*args, **kwargs)
+
+    reading_compute = reading.compute_memory_prefix
+    monkeypatch.setattr(reading, "compute_memory_prefix", counted)
+    monkeypatch.setattr(recall, "compute_memory_prefix", counted)
+    with torch.no_grad():
+        first = model(random_ids(6, seed=3), memory=state).logits
+        again = model(random_ids(6, seed=3), memory=state).logits
+    assert len(calls) == 1  # short-term keys/values computed once, gap included, then cached
+    torch.testing.assert_close(first, again)

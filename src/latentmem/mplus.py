@@ -124,9 +124,13 @@ class MPlus(MemoryLLM):
         memory: MemoryState | torch.Tensor | None = None,
         past_key_values=None,
         previous_token_ids: torch.LongTensor | None = None,
+        retrieve_fn=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """As `MemoryLLM.forward`; a state with long-term slots also reads what the prompt retrieves."""
+        """As `MemoryLLM.forward`; a state with long-term slots also reads what the prompt retrieves.
+
+        `retrieve_fn` replaces the learned retrieval of the first pass (see `prefill_with_retrieval`).
+        """
         cache = cache if cache is not None else past_key_values
         count = self.retrieval_count(memory) if isinstance(memory, MemoryState) and memory.initialized else 0
         if count == 0:
@@ -140,8 +144,9 @@ class MPlus(MemoryLLM):
             raise ValueError("M+ retrieval needs input_ids (not inputs_embeds)")
         if cache is None or cache.get_seq_length() == 0:
             return prefill_with_retrieval(
-                self, memory, input_ids, attention_mask, position_ids, count, labels, logits_to_keep, use_cache
-            )
+                self, memory, input_ids, attention_mask, position_ids, count, labels, logits_to_keep, use_cache,
+                retrieve_fn=retrieve_fn,
+            )  # fmt: skip
         # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
         prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)

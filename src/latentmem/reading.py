@@ -17,7 +17,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from .prefix import prefix_keys_values, rotary_embeddings
+from .prefix import prefix_keys_values
 from .state import MemoryState
 
 if TYPE_CHECKING:
@@ -111,21 +111,32 @@ class PrefixedLayer(DynamicLayer):
 
 
 def compute_memory_prefix(
-    model: "MemoryLLM", slots: torch.Tensor | None, spare: int = 0, start: int = 0, with_bos: bool = True
+    model: "MemoryLLM",
+    slots: torch.Tensor | None,
+    spare: int = 0,
+    start: int = 0,
+    with_bos: bool = True,
+    gap: tuple[int, int] | None = None,
 ) -> MemoryPrefix:
     """Project [bos_l ; slots_l] through every layer's norm, k/v projections and RoPE (positions start..).
 
     `slots` is a pool `[L, M, d]`, or None for memory with nothing written yet: then the model reads
-    without memory (and without bos), as the original does. M+ places retrieved slots between bos
-    and short-term memory, so it asks for the short-term part alone (`with_bos=False`) at `start`.
+    without memory (and without bos), as the original does. M+ puts retrieved slots among the
+    short-term ones, so it asks for the short-term part alone (`with_bos=False`) with a `gap`
+    `(at, size)`: slots from index `at` on sit `size` positions further, leaving room for them.
     """
     if slots is None:
         return MemoryPrefix()
     decoder = model.decoder
     vectors = slots.to(model.dtype)
+    num_bos = 0
     if with_bos and model.bos_embedding is not None:
         vectors = torch.cat([model.bos_embedding.to(vectors.dtype), vectors], dim=1)
-    rope = rotary_embeddings(decoder.rotary_emb, vectors, start, vectors.shape[1])
+        num_bos = 1
+    positions = torch.arange(start, start + vectors.shape[1], device=vectors.device)
+    if gap is not None:
+        positions[num_bos + gap[0] :] += gap[1]
+    rope = decoder.rotary_emb(vectors, position_ids=positions[None])
     return MemoryPrefix(
         [prefix_keys_values(layer, vectors[i : i + 1], rope) for i, layer in enumerate(decoder.layers)], spare=spare
     )
@@ -145,15 +156,17 @@ class PrefixCache:
         )
         self._lock = threading.Lock()  # a server reads different states from several threads
 
-    def get(self, model: "MemoryLLM", state: MemoryState, start: int = 0, with_bos: bool = True) -> MemoryPrefix:
-        key = (state.version, model.adapters.active, model.dtype, start, with_bos)
+    def get(
+        self, model: "MemoryLLM", state: MemoryState, start: int = 0, with_bos: bool = True, gap: tuple | None = None
+    ) -> MemoryPrefix:
+        key = (state.version, model.adapters.active, model.dtype, start, with_bos, gap)
         with self._lock:
             entry = self._entries.get(state)
         if entry is not None and entry[0] == key:
             return entry[1]
         with torch.no_grad():
             slots = state.stm if state.initialized else None
-            prefix = compute_memory_prefix(model, slots, spare=SPARE_POSITIONS, start=start, with_bos=with_bos)
+            prefix = compute_memory_prefix(model, slots, SPARE_POSITIONS, start, with_bos, gap)
         with self._lock:
             self._entries[state] = (key, prefix)
         return prefix

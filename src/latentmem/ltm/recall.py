@@ -61,7 +61,8 @@ def prefill_with_retrieval(
     """The first pass over a prompt: per layer, retrieve, fill the cache with [bos ; retrieved ; STM], run the layer.
 
     `retrieve_fn` (same signature as `retrieve`) replaces the retriever, e.g. in training, to put
-    the slots that answer the prompt in front of the model while the retriever still learns.
+    the slots that answer the prompt in front of the model while the retriever still learns. Called
+    through `MPlus.forward`, which first activates the read adapter.
     """
     retrieve_fn = retrieve_fn or retrieve
     decoder = model.decoder
@@ -70,15 +71,13 @@ def prefill_with_retrieval(
     num_bos = 1 if model.bos_embedding is not None else 0
     # Short-term slots read before the retrieved ones: none in the release's [bos ; retrieved ; STM];
     # see `MPlusConfig.retrieved_slots_position` for the layouts that keep old slots near the prompt.
+    # The short-term keys/values are computed (and cached) once with a gap where the retrieved go.
     after = short_term_slots_before_retrieved(model.config, state.num_slots)
-    start = num_bos if after else num_bos + count  # position of the first short-term slot
+    gap = (after, count)
     if model.training and torch.is_grad_enabled():
-        stm = compute_memory_prefix(model, state.stm, start=start, with_bos=False)
+        stm = compute_memory_prefix(model, state.stm, start=num_bos, with_bos=False, gap=gap)
     else:
-        stm = model.prefix_cache.get(model, state, start=start, with_bos=False)
-    behind = None  # short-term slots behind the retrieved ones, at their positions there
-    if 0 < after < stm.length:
-        behind = compute_memory_prefix(model, state.stm[:, after:], start=num_bos + count + after, with_bos=False)
+        stm = model.prefix_cache.get(model, state, start=num_bos, with_bos=False, gap=gap)
     prefix_len = num_bos + count + stm.length
     head_positions = torch.cat([torch.arange(num_bos), torch.arange(num_bos + after, num_bos + after + count)])
     head_rope = decoder.rotary_emb(hidden, position_ids=head_positions.to(hidden.device)[None])  # bos, then retrieved
@@ -102,11 +101,7 @@ def prefill_with_retrieval(
                 head = torch.cat([model.bos_embedding[i].to(hidden.dtype), head])
             heads.append(head)
         keys, values = prefix_keys_values(layer, torch.stack(heads), head_rope)
-        stm_keys, stm_values = stm.layer(i)
-        if behind is not None:
-            stm_keys = torch.cat([stm_keys[:, :, :after], behind.layer(i)[0]], dim=2)
-            stm_values = torch.cat([stm_values[:, :, :after], behind.layer(i)[1]], dim=2)
-        stm_keys, stm_values = stm_keys.expand(batch, -1, -1, -1), stm_values.expand(batch, -1, -1, -1)
+        stm_keys, stm_values = (part.expand(batch, -1, -1, -1) for part in stm.layer(i))
         keys = torch.cat(
             [keys[:, :, :num_bos], stm_keys[:, :, :after], keys[:, :, num_bos:], stm_keys[:, :, after:]], 2
         )

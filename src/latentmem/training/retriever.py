@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from ..config import MPlusConfig
 from ..data.filler import FillerStream, filler_paragraphs
 from ..data.synthetic import FactGenerator
-from ..ltm.recall import prefill_with_retrieval
 from ..ltm.retriever import retrieval_scores, retriever_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
@@ -182,12 +181,7 @@ def answer_first_retrieval(injection_id: int, generator: torch.Generator):
 def answer_loss(model: MPlus, question: Question, retrieve_fn=None) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens, read from the question's memory (with `retrieve_fn`)."""
     ids = torch.cat([question.prompt_ids, question.answer_ids])[None]
-    count = model.retrieval_count(question.memory)
-    if count:
-        logits = prefill_with_retrieval(model, question.memory, ids, None, None, count, use_cache=False,
-                                        retrieve_fn=retrieve_fn).logits  # fmt: skip
-    else:
-        logits = model(ids, memory=question.memory, use_cache=False).logits
+    logits = model(ids, memory=question.memory, use_cache=False, retrieve_fn=retrieve_fn).logits
     start = question.prompt_ids.numel() - 1  # the logit that predicts the first answer token
     return F.cross_entropy(logits[0, start:-1].float(), question.answer_ids)
 
