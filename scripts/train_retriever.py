@@ -3,7 +3,9 @@
 The M+ keeps the MemoryLLM's whole pool as its short-term memory and retrieves `--ltm-blocks`
 blocks on top (the comparison `scripts/warm_retention.py` makes: same short-term memory), reading
 them where `--retrieved-position` says. Writes `OUT/retriever.safetensors` (the retrievers only,
-float32), which `warm_retention.py --retriever` reads.
+bfloat16, with the M+ fields in its header), which `warm_retention.py --retriever` reads and
+`mplus_with_retrievers` loads; the `smollm2-135m-mplus` preset is that file trained with the command
+below (its folder: src/latentmem/presets/smollm2-135m-mplus).
 
     python scripts/train_retriever.py --model smollm2-135m --out runs/smol-retriever --seconds 900 \
         --ltm-blocks 4 --key-dim 64 --retrieved-position before_newest_write
@@ -17,13 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from latentmem.config import MPlusConfig
 from latentmem.models import load_model
-from latentmem.training.retriever import evaluate_retriever, mplus_from, train_retriever
-
-RETRIEVER_FILE = "retriever.safetensors"
+from latentmem.training.retriever import evaluate_retriever, mplus_from, save_retrievers, train_retriever
 
 
 def main() -> None:
@@ -52,10 +51,9 @@ def main() -> None:
     with (args.out / "metrics.jsonl").open("w") as metrics:
         records = train_retriever(model, tokenizer, steps=args.steps, lr=args.lr, seed=args.seed, max_seconds=args.seconds,
                                   log=lambda record: metrics.write(json.dumps(record) + "\n"))  # fmt: skip
-    result = {"model": args.model, "steps": len(records), "train_seconds": round(time.perf_counter() - start, 1),
-              **{k: v for k, v in vars(args).items() if k not in ("out", "model")}}  # fmt: skip
-    retrievers = {name: p.detach().cpu().contiguous() for name, p in model.retrievers.state_dict().items()}
-    save_file(retrievers, args.out / RETRIEVER_FILE)
+    result = {**{k: v for k, v in vars(args).items() if k != "out"},  # the options, then what ran
+              "steps_trained": len(records), "train_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    save_retrievers(model, args.out)
     if args.eval_questions:
         result["heldout_retrieval"] = evaluate_retriever(model, tokenizer, questions=args.eval_questions)
     (args.out / "result.json").write_text(json.dumps(result, indent=2))

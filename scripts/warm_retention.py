@@ -38,7 +38,7 @@ from latentmem.data.filler import FillerStream, filler_paragraphs
 from latentmem.data.synthetic import FactGenerator
 from latentmem.modeling import MemoryLLM
 from latentmem.models import load_model
-from latentmem.training.retriever import answer_first_retrieval, mplus_from
+from latentmem.training.retriever import answer_first_retrieval, load_retrievers, mplus_from
 from latentmem.training.tasks import qa_ids
 
 WAYS = ("memoryllm", "mplus", "oracle")
@@ -93,7 +93,7 @@ def main() -> None:
                        protect_pinned_fraction=0.25 if args.pin_document else 0.0)  # fmt: skip
     del base
     if args.retriever:
-        model.retrievers.load_state_dict(retriever_weights(args.retriever))
+        load_retrievers(model, retriever_weights(args.retriever))
     print(f"short-term slots {model.config.memory_size}, retrieved {model.config.retrieved_slots}, "
           f"retriever: {args.retriever or 'untrained'}, retrieved slots: {args.retrieved_position}", flush=True)  # fmt: skip
 

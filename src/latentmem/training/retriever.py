@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from ..data.synthetic import FactGenerator
 from ..ltm.retriever import retrieval_scores, retriever_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
+from ..presets import RETRIEVER_FILE
 from ..state import MemoryState
 from .tasks import qa_ids
 
@@ -53,6 +55,61 @@ def mplus_from(model: MemoryLLM, seed: int = 0, **ltm_config) -> MPlus:
         raise ValueError(f"weights do not fit the M+ model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     mplus.generation_config = model.generation_config
     return mplus.eval()
+
+
+# The M+ fields a retriever file records: with the MemoryLLM it was trained on, they rebuild its M+.
+RETRIEVER_FIELDS = ("num_blocks", "num_ltm_blocks", "selector_hidden_dim", "num_selector_layers",
+                    "retrieved_slots_position")  # fmt: skip
+UNUSED_RETRIEVER_PART = ".encoder_query_proj."
+
+
+def save_retrievers(model: MPlus, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save only `model`'s retrievers (bfloat16 by default), with the M+ fields that shape them.
+
+    What ships for an M+ on a pretrained base: the base and its memory adapter come from elsewhere,
+    and `mplus_with_retrievers` turns them back into this M+. `encoder_query_proj` is left out:
+    latentmem never uses it (it exists to load the release's checkpoints), so it never trains and
+    would be a third of the file.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in model.retrievers.state_dict().items()
+               if UNUSED_RETRIEVER_PART not in name}  # fmt: skip
+    save_file(tensors, folder / RETRIEVER_FILE, metadata={k: str(getattr(model.config, k)) for k in RETRIEVER_FIELDS})
+    return folder / RETRIEVER_FILE
+
+
+def retriever_config(folder: str | Path) -> dict:
+    """The M+ fields a saved retriever file was trained with, read from its header alone."""
+    from safetensors import safe_open
+
+    path = Path(folder) / RETRIEVER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {RETRIEVER_FILE} in {folder} (save one with save_retrievers)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    missing = [k for k in RETRIEVER_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the M+ fields {missing} in its header (not written by save_retrievers?)")
+    return {k: meta[k] if k == "retrieved_slots_position" else int(meta[k]) for k in RETRIEVER_FIELDS}
+
+
+def mplus_with_retrievers(model: MemoryLLM, folder: str | Path) -> MPlus:
+    """`model` (the MemoryLLM the retrievers were trained on) as an M+ with the retrievers saved in `folder`."""
+    from safetensors.torch import load_file
+
+    mplus = mplus_from(model, **retriever_config(folder))
+    load_retrievers(mplus, load_file(Path(folder) / RETRIEVER_FILE))
+    return mplus
+
+
+def load_retrievers(model: MPlus, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved retriever weights into `model`: every one it uses (`encoder_query_proj` may be absent)."""
+    missing, unexpected = model.retrievers.load_state_dict(tensors, strict=False)  # cast to the model's dtype
+    if unexpected or any(UNUSED_RETRIEVER_PART not in name for name in missing):
+        raise ValueError(f"retriever weights do not fit this M+ (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 @dataclass
