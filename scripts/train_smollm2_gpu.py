@@ -8,6 +8,8 @@ per episode each, measured: the loop is host-bound, so side-by-side jobs do not 
 
     python scripts/train_smollm2_gpu.py memoryllm --out DIR --seconds 300 --recipe fresh --lr 2e-3 --batch 8
     python scripts/train_smollm2_gpu.py memoryllm --out DIR --seconds 300 --recipe continue --init ADAPTER_DIR
+    python scripts/train_smollm2_gpu.py memoryllm --out DIR --seconds 1200 --steps 200 --recipe copy --lr 5e-4 \
+        --batch 4 --init ADAPTER_DIR
     python scripts/train_smollm2_gpu.py mplus --out DIR --seconds 200 --adapter ADAPTER_DIR
 
 `--seconds` is the training budget: a MemoryLLM job first times a few steps (unless `--steps` is
@@ -49,7 +51,11 @@ def smoke_backbone(dtype=torch.float32):
 
 
 def recipe(name: str, steps: int) -> list[Stage]:
-    """`fresh`: the shipped recipe's shape, longer; `continue`: more full-pool training of an adapter."""
+    """`fresh`: the first recipe's shape, longer; `continue`: more full-pool training of an adapter;
+    `copy`: one-document episodes of which 30% ask for the document itself back from memory (every
+    token scored: practice in copying faithfully; README: better in empty memories, worse in used ones)."""
+    if name == "copy":
+        return [Stage(steps, num_blocks=1, reset_memory=1.0, copy_fraction=0.3)]
     one_document = {"fresh": 0.6, "continue": 0.3}[name]
     first = max(1, round(steps * one_document))
     return [Stage(first, num_blocks=1, reset_memory=1.0), Stage(max(1, steps - first), num_blocks=16, max_contexts=4)]
@@ -128,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="training budget")
     parser.add_argument("--steps", type=int, default=None, help="memoryllm: this many steps instead of timing a few")
-    parser.add_argument("--recipe", choices=["fresh", "continue"], default="fresh")
+    parser.add_argument("--recipe", choices=["fresh", "continue", "copy"], default="fresh")
     parser.add_argument("--init", type=Path, default=None, help="memory adapter to start from (memoryllm)")
     parser.add_argument("--adapter", type=Path, default=SHIPPED, help="memory adapter M+ builds on (mplus)")
     parser.add_argument("--lr", type=float, default=2e-3)
