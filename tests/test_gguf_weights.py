@@ -7,17 +7,21 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 gguf = pytest.importorskip("gguf")
 
-from latentmem.gguf_weights import hf_name, load_llama_gguf, read_llama_gguf, unpermute_rotary
+from latentmem.gguf_weights import (
+    GLOBAL_NAMES,
+    LAYER_NAMES,
+    hf_name,
+    load_llama_gguf,
+    read_llama_gguf,
+    unpermute_rotary,
+)
 
 CONFIG = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
           "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-GGUF_PARTS = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}  # fmt: skip
+# The writer inverts the reader's name maps; the comparison with transformers' loader checks both.
+TO_GGUF = {hf: name for name, hf in GLOBAL_NAMES.items()}
+GGUF_PARTS = {hf: name for name, hf in LAYER_NAMES.items()}
 
 
 def permute_like_llama_cpp(weight: np.ndarray, heads: int) -> np.ndarray:

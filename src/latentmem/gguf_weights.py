@@ -1,7 +1,7 @@
 """A Llama-architecture GGUF file as a plain `LlamaForCausalLM`, read with the `gguf` package.
 
-transformers loads GGUF files too (`from_pretrained(folder, gguf_file=...)`), but on 2 CPU cores it
-spends ~25 s on the file's metadata and tokenizer before the first weight. The `gguf` package's
+transformers loads GGUF files too (`from_pretrained(folder, gguf_file=...)`), but on 2 CPU cores that
+takes ~25 s for SmolLM2-135M (`benchmarks/bench_load.py`), most of it on the file's metadata and tokenizer. The `gguf` package's
 reader memory-maps the file and its numpy dequantizer unpacks the quantized blocks (Q4_1, Q8_0, ...):
 SmolLM2-135M's Q4_1 file becomes a float model in a few seconds. The tokenizer is not read here
 (presets ship theirs); `read_llama_gguf` returns the config and the weights under HF names.
