@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from latentmem.presets import preset_path
+from latentmem.presets import adapter, preset_path
 from latentmem.training import presets
 from latentmem.training.recall import recall_accuracy
 from latentmem.training.trainer import Stage
@@ -150,7 +150,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     if os.environ.get("LATENTMEM_SMOKE"):
-        presets.load_smollm2_backbone = smoke_backbone
+        presets.load_smollm2_backbone = adapter.load_smollm2_backbone = smoke_backbone  # training and loading
         args.eval_docs = min(args.eval_docs, 2)
     args.out.mkdir(parents=True, exist_ok=True)
     (train_memoryllm if args.job == "memoryllm" else train_mplus)(args, args.out)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .chat import generate_reply
 from .data.filler import FillerStream, filler_paragraphs
 from .data.synthetic import FactGenerator, question_prompt
 from .modeling import MemoryLLM
 from .models import default_model, is_untrained
 from .state import MemoryState
-from .training.recall import answer
 
 ASK_AFTER = (5, 20)  # distractor counts after which the questions are asked again
 
@@ -39,7 +39,8 @@ def run_demo(model: MemoryLLM | None = None, tokenizer=None, distractors: int = 
     def ask(when: str) -> None:
         echo(f"{when}:")
         for qa in document.qa:
-            reply = answer(model, tokenizer, memory, question_prompt(qa.question, tokenizer), max_new_tokens=10).strip()
+            ids = tokenizer(question_prompt(qa.question, tokenizer), add_special_tokens=False).input_ids
+            reply = generate_reply(model, tokenizer, memory, ids, max_new_tokens=10).text.strip()
             verdict = ("right" if qa.answer.strip() in reply else "wrong") if trained else "random weights"
             echo(f"  {qa.question:<48} -> {reply!r:<22} ({verdict})")
 

