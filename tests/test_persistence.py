@@ -1,6 +1,7 @@
 """Persistence: MemoryState.save / MemoryState.load, one atomic, checksummed .safetensors file."""
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentmem import EXTERNAL, MemoryFileError, MemoryState
-from latentmem.persistence import FORMAT, FORMAT_VERSION, read_manifest
+from latentmem.persistence import FORMAT_VERSION, read_manifest
 
 from conftest import make_model, random_ids
 
@@ -431,12 +432,101 @@ def test_malformed_manifest_raises(saved, tmp_path, changes):
         MemoryState.load(path)
 
 
-def test_file_without_manifest_checksum_still_loads(saved, tmp_path):
+def test_file_without_manifest_checksum_raises(saved, tmp_path):
+    _, data = saved  # without it, an edited write counter or injection record would go unnoticed
+    path = resave_with_manifest(data, tmp_path / "memory.safetensors", manifest_checksum=None, write_count=99)
+    with pytest.raises(MemoryFileError, match="manifest checksum mismatch or missing"):
+        MemoryState.load(path)
+
+
+# --- forged files: checksums are right, the content is not -------------------------------------
+def forge(data: bytes, path, tensors: dict | None = None, **changes):
+    """A memory file as a forger would make it: fields or tensors changed, both checksums recomputed
+    (SHA-256 detects damage, not intent), so only the reader's own checks stand in the way."""
+    header = json.loads(data[8 : 8 + header_length(data)])
+    manifest = {**json.loads(header["__metadata__"]["manifest"]), **changes}
+    manifest = {key: value for key, value in manifest.items() if value is not None and key != "manifest_checksum"}
+    tensors = {**load_file(write(path, data)), **(tensors or {})}
+    digest = hashlib.sha256()
+    for name in ("stm", "ages", "sources"):
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    manifest["checksum"] = digest.hexdigest()
+    manifest["manifest_checksum"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    save_file(tensors, path, metadata={"manifest": json.dumps(manifest)})
+    return path
+
+
+def test_forge_helper_makes_files_that_load(saved, tmp_path):
+    state, data = saved  # the control for the tests below: forging alone is not what they refuse
+    assert_same_state(MemoryState.load(forge(data, tmp_path / "m.safetensors")), state)
+
+
+def record(**changes):
+    return [{"id": 0, "source": "a", "tokens": 20, "timestamp": 1.5, "importance": 1.0, **changes}]
+
+
+FORGED = {
+    "write count negative": dict(write_count=-5),
+    "write count a bool": dict(write_count=True),
+    "write count over int64": dict(write_count=2**63),
+    "seed negative": dict(seed=-1),
+    "timestamp NaN": dict(injections=record(timestamp=float("nan"))),
+    "timestamp infinite": dict(injections=record(timestamp=float("inf"))),
+    "timestamp a string": dict(injections=record(timestamp="noon")),
+    "tokens negative": dict(injections=record(tokens=-1)),
+    "importance NaN": dict(injections=record(importance=float("nan"))),
+    "importance zero": dict(injections=record(importance=0)),
+    "record with an unknown field": dict(injections=record(unknown=1)),
+    "record not an object": dict(injections=["a"]),
+    "two records with one id": dict(injections=record() + record()),
+    "dtype not a float dtype": dict(dtype="int64"),
+    "ltm an absolute path": dict(ltm="/etc"),
+    "ltm outside the folder": dict(ltm="../../other/states.safetensors.ltm-0123456789ab"),
+    "ltm a generation of another file": dict(ltm="other.safetensors.ltm-0123456789ab"),
+    "ltm not a string": dict(ltm=["0123456789ab"]),
+}
+
+
+@pytest.mark.parametrize("changes", FORGED.values(), ids=FORGED.keys())
+def test_forged_manifest_raises(saved, tmp_path, changes):
+    _, data = saved
+    with pytest.raises(MemoryFileError, match="malformed|two injection records"):
+        MemoryState.load(forge(data, tmp_path / "memory.safetensors", **changes))
+
+
+def test_forged_tensors_raise(saved, tmp_path):
     state, data = saved
-    path = resave_with_manifest(data, tmp_path / "memory.safetensors", manifest_checksum=None)
-    assert "manifest_checksum" not in read_manifest(path)
-    assert read_manifest(path)["format"] == FORMAT
-    assert_same_state(MemoryState.load(path), state)
+    nan_pool = state.stm.clone()
+    nan_pool[0, 0, 0] = float("nan")
+    unknown_source = state.sources.clone()
+    unknown_source[1, 2] = 99
+    for tensors, message in [
+        ({"stm": nan_pool}, "NaN or infinite"),
+        ({"ages": -state.ages - 1}, "ages must be >= 0"),
+        ({"sources": unknown_source}, "no record"),
+        ({"stm": state.stm[:, :16].contiguous()}, r"stm is \[3, 16, 64\]"),
+    ]:
+        with pytest.raises(MemoryFileError, match=message):
+            MemoryState.load(forge(data, tmp_path / "memory.safetensors", tensors=tensors))
+
+
+def test_a_file_of_another_shape_or_dtype_with_this_models_fingerprint_raises(saved, tiny, tmp_path):
+    state, data = saved
+    wide = forge(data, tmp_path / "wide.safetensors", tensors={"stm": torch.zeros(3, 32, 65)}, shape=[3, 32, 65])
+    half = forge(data, tmp_path / "half.safetensors", tensors={"stm": state.stm.half()}, dtype="float16")
+    for path in (wide, half):
+        assert MemoryState.load(path).fingerprint == tiny.fingerprint  # loads on its own
+        with pytest.raises(MemoryFileError, match="this model's is \\[3, 32, 64\\] torch.float32"):
+            MemoryState.load(path, tiny)
+
+
+def test_a_short_term_model_refuses_a_state_naming_long_term_memory(saved, tiny, tmp_path):
+    _, data = saved
+    path = forge(data, tmp_path / "memory.safetensors", ltm="0123456789ab")
+    with pytest.raises(MemoryFileError, match="kind of memory"):
+        MemoryState.load(path, tiny)
+    with pytest.raises(MemoryFileError, match="generation 0123456789ab, which is missing"):
+        MemoryState.load(path)
 
 
 # --- file permissions --------------------------------------------------------------------------

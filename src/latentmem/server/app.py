@@ -15,7 +15,11 @@ are simply unknown, with the same 404 as a name nobody used.
     GET    /v1/sessions, /v1/models, /health
 
 One model serves every state: reads and writes of one state are serialised by the state's lock
-(states.py), and reads and writes of different states take turns on the model (gate.py).
+(states.py), and reads and writes of different states take turns on the model (gate.py), a long
+injection one chunk at a time. Every request is checked whole before anything is written: a
+refused request leaves the memory on disk as it was. Every failure is a JSON error (errors.py):
+4xx for what the request got wrong (409 for a session whose file was found damaged: reset or
+import replaces it), 507 for a full disk.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -31,10 +36,11 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
@@ -42,11 +48,13 @@ from ..chat import default_stops, generate_reply, memory_ids, memory_sources, pr
 from ..models import model_name as default_model_name
 from ..persistence import MemoryFileError
 from ..state import MemoryState
+from ..writing import split_into_chunks
 from .auth import NAME_PATTERN, KeyTable
-from .gate import ModelGate
-from .guard import USER_KEY, ApiError, Guard, error_body
-from .schemas import ChatRequest, ForgetRequest, InjectRequest
-from .states import DEFAULT_SESSION, ShuttingDown, StateRegistry, UnknownSession
+from .errors import ApiError, LastResort, error_body, error_response
+from .gate import ModelGate, inject_in_turns
+from .guard import USER_KEY, Guard
+from .schemas import IMPORT_BODY, SESSION_PARAMETERS, ChatRequest, ForgetRequest, InjectRequest
+from .states import DEFAULT_SESSION, DamagedState, ShuttingDown, StateRegistry, UnknownSession
 
 logger = logging.getLogger("latentmem.server")
 SESSION_HEADER = "x-latentmem-session"
@@ -66,10 +74,14 @@ def create_app(
     max_sessions_per_user: int = 1000,
     max_loaded_states: int = 64,
     max_parallel: int = 4,
+    max_inject_tokens: int = 32768,
+    body_timeout: float = 60.0,
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
     `max_parallel`: model calls (all reads or all writes) that may run at once; more wait in line.
+    `max_inject_tokens`: the longest text one inject request may write (413 over it).
+    `body_timeout`: seconds a client has to send a request's whole body (408 after).
     """
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
     registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states)
@@ -82,7 +94,7 @@ def create_app(
     tmp_dir = Path(data_dir) / "tmp"  # uploads being checked, exports of never-saved states
     tmp_dir.mkdir(parents=True, exist_ok=True)
     for leftover in tmp_dir.iterdir():  # from a process that was killed
-        leftover.unlink(missing_ok=True)
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -92,37 +104,39 @@ def create_app(
 
     app = FastAPI(title="latentmem", lifespan=lifespan)
     app.state.model_name, app.state.registry = name, registry
-    app.add_middleware(Guard, keys=keys, max_body_bytes=max_body_bytes, max_import_bytes=max_import_bytes)
-
-    def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-        return JSONResponse(error_body(status, message, code, param), status_code=status)
+    app.add_middleware(
+        Guard, keys=keys, max_body_bytes=max_body_bytes, max_import_bytes=max_import_bytes, body_timeout=body_timeout
+    )
+    app.add_middleware(LastResort)  # outermost: it answers for whatever the rest raises
 
     @app.exception_handler(HTTPException)  # ours (ApiError) and the router's 404 / 405
     async def http_error(request: Request, err: HTTPException):
-        response = error(
-            err.status_code, str(err.detail), getattr(err, "code", "http_error"), getattr(err, "param", None)
-        )
-        response.headers.update(err.headers or {})
-        return response
+        code, param = getattr(err, "code", "http_error"), getattr(err, "param", None)
+        return error_response(err.status_code, str(err.detail), code, param, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
         problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
-        return error(400, "invalid request: " + "; ".join(problems), "invalid_request")
+        message = "invalid request: " + "; ".join(problems)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            message += " (the body is read as JSON only with Content-Type: application/json; curl: -H 'Content-Type: application/json')"
+        return error_response(400, message, "invalid_request")
 
     @app.exception_handler(UnknownSession)
     async def unknown_session(request: Request, err: UnknownSession):
         message = f"unknown session {err.args[0]!r}: a session exists once something was written into it"
-        return error(404, message, "unknown_session", "session")
+        return error_response(404, message, "unknown_session", "session")
+
+    @app.exception_handler(DamagedState)
+    async def damaged_state(request: Request, err: DamagedState):
+        message = (f"session {err.session!r} cannot be used: its memory file was found damaged ({err.reason}) and "
+                   "was set aside, not replaced by an empty memory. To go on, reset it (DELETE /v1/memory) or "
+                   "import a saved state into it (POST /v1/memory/import)")  # fmt: skip
+        return error_response(409, message, "damaged_state", "session")
 
     @app.exception_handler(ShuttingDown)
     async def shutting_down(request: Request, err: ShuttingDown):
-        return error(503, "the server is shutting down", "shutting_down")
-
-    @app.exception_handler(MemoryFileError)
-    async def unreadable_memory(request: Request, err: MemoryFileError):
-        logger.error("memory file unreadable: %s", err)
-        return error(500, "this session's memory file cannot be read by this model", "bad_state")
+        return error_response(503, "the server is shutting down", "shutting_down")
 
     # --- helpers ---------------------------------------------------------------------------
     def user_of(request: Request) -> str:
@@ -133,7 +147,7 @@ def create_app(
         if len(given) > 1:
             raise ApiError(400, f"conflicting session ids {sorted(given)} (body, query and header)", param="session")
         session = given.pop() if given else DEFAULT_SESSION
-        if not NAME_PATTERN.match(session):
+        if not NAME_PATTERN.fullmatch(session):
             raise ApiError(400, f"session id must match {NAME_PATTERN.pattern}", param="session")
         if must_exist and not registry.exists(user_of(request), session):
             raise UnknownSession(session)
@@ -152,11 +166,15 @@ def create_app(
         }  # fmt: skip
 
     # --- chat ------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=SESSION_PARAMETERS)
     def chat_completions(body: ChatRequest, request: Request):
         user, session = user_of(request), session_of(request, body.session)
-        if body.n != 1 or body.tools or body.logprobs:
-            raise ApiError(400, "only n=1 without tools or logprobs is supported", param="n")
+        if body.model is not None and body.model != name:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {name!r}",
+                           "model_not_found", "model")  # fmt: skip
+        for field, unsupported in (("n", body.n != 1), ("tools", body.tools), ("logprobs", body.logprobs)):
+            if unsupported:
+                raise ApiError(400, f"{field}: only n=1 without tools or logprobs is supported", param=field)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop strings", param="stop")
@@ -177,6 +195,8 @@ def create_app(
         options = {"max_new_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "stop": stop}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
+            with registry.read(user, session):  # a session that cannot be read fails here, not after the 200
+                pass
             usage = bool(body.stream_options and body.stream_options.include_usage)
             events = stream_reply(user, session, ids, options, head, usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -230,19 +250,24 @@ def create_app(
             cancel.set()  # the client went away (or all is sent): stop generating
 
     # --- memory ----------------------------------------------------------------------------
-    @app.post("/v1/memory/inject")
+    @app.post("/v1/memory/inject", openapi_extra=SESSION_PARAMETERS)
     def inject(body: InjectRequest, request: Request):
         user, session = user_of(request), session_of(request, body.session, must_exist=False)
         if not body.text.strip():
             raise ApiError(400, "nothing to inject: text is empty", param="text")
         ids, minimum = memory_ids(tokenizer, body.text), model.config.min_context_tokens
-        if len(ids) < minimum and not body.allow_short:
+        if len(ids) > max_inject_tokens:
+            message = (f"text has {len(ids)} tokens, over this server's limit of {max_inject_tokens} per request; "
+                       "send it in parts")  # fmt: skip
+            raise ApiError(413, message, "too_many_tokens", "text")
+        chunks = split_into_chunks(torch.tensor(ids, dtype=torch.long), model.config.chunk_size)
+        if min(len(chunk) for chunk in chunks) < minimum and not body.allow_short:
             message = (f"text has {len(ids)} tokens; the model was trained on contexts of >= {minimum} "
                        "(send allow_short: true to inject anyway)")  # fmt: skip
             raise ApiError(400, message, "context_too_short", "text")
         check_session_quota(user, session)
-        with registry.write(user, session) as slot, gate.hold("write"):
-            result = model.inject(slot.state, input_ids=ids, source=body.source, allow_short=body.allow_short)
+        with registry.write(user, session) as slot:
+            result = inject_in_turns(model, gate, slot.state, chunks, body.source)
             record = slot.state.injections[result.injection_id]
         return {
             "object": "memory.injection", "session": session, "id": result.injection_id, "source": record.source,
@@ -250,7 +275,7 @@ def create_app(
             "slots_written": result.slots_written,
         }  # fmt: skip
 
-    @app.post("/v1/memory/forget")
+    @app.post("/v1/memory/forget", openapi_extra=SESSION_PARAMETERS)
     def forget(body: ForgetRequest, request: Request):
         user, session = user_of(request), session_of(request, body.session)
         with registry.write(user, session, create=False) as slot:
@@ -261,20 +286,20 @@ def create_app(
             result = stats(session, slot.state)
         return {**result, "removed_slots": removed}
 
-    @app.get("/v1/memory")
+    @app.get("/v1/memory", openapi_extra=SESSION_PARAMETERS)
     def get_memory(request: Request):
         user, session = user_of(request), session_of(request)
         with registry.read(user, session) as state:
             return stats(session, state)
 
-    @app.delete("/v1/memory")
+    @app.delete("/v1/memory", openapi_extra=SESSION_PARAMETERS)
     def reset_memory(request: Request):
         user, session = user_of(request), session_of(request)
-        with registry.write(user, session, create=False) as slot:
-            slot.state = registry.new_state()
-            return stats(session, slot.state)
+        state = registry.new_state()
+        registry.replace(user, session, state)  # never reads the old file: a damaged one is replaced too
+        return stats(session, state)
 
-    @app.get("/v1/memory/export")
+    @app.get("/v1/memory/export", openapi_extra=SESSION_PARAMETERS)
     def export_memory(request: Request):
         user, session = user_of(request), session_of(request)
         with registry.read(user, session) as state:
@@ -293,27 +318,30 @@ def create_app(
         }
         return StreamingResponse(_read_chunks(file), media_type="application/octet-stream", headers=headers)
 
-    @app.post("/v1/memory/import")
+    @app.post("/v1/memory/import", openapi_extra={**SESSION_PARAMETERS, **IMPORT_BODY})
     async def import_memory(request: Request):
         user, session = user_of(request), session_of(request, must_exist=False)
         payload = await request.body()
         return await run_in_threadpool(install, user, session, payload)
 
     def install(user: str, session: str, payload: bytes) -> dict:
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
+        """Check the upload whole (as this model's state: shape, dtype, every record), then install it.
+
+        The upload is read from a private temporary folder, so a long-term store it names by
+        generation id resolves there, where none exists: an upload can never bring in a folder.
+        """
+        upload = Path(tempfile.mkdtemp(dir=tmp_dir))
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            state = MemoryState.load(tmp, model)
+            (upload / "upload.safetensors").write_bytes(payload)
+            state = MemoryState.load(upload / "upload.safetensors", model)
         except MemoryFileError as err:
-            message = f"not a memory file for this model: {str(err).replace(tmp, 'the upload')}"
+            message = f"not a memory file for this model: {str(err).replace(str(upload / 'upload.safetensors'), 'the upload')}"
             raise ApiError(400, message, "bad_memory_file") from err
         finally:
-            os.unlink(tmp)
+            shutil.rmtree(upload, ignore_errors=True)
         check_session_quota(user, session)
-        with registry.write(user, session) as slot:
-            slot.state = state
-            return stats(session, state)
+        registry.replace(user, session, state)
+        return stats(session, state)
 
     @app.get("/v1/sessions")
     def list_sessions(request: Request):

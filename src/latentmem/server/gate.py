@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import torch
+
+from ..writing import InjectionResult, compute_new_slots, store_slots
+
 Role = Literal["read", "write"]
 
 
@@ -63,3 +67,25 @@ class ModelGate:
             if waiting[0] != role:
                 return False
         return False
+
+
+@torch.no_grad()
+def inject_in_turns(model, gate: ModelGate, state, chunks: list[torch.Tensor], source: str) -> InjectionResult:
+    """`model.inject` of pre-split `chunks`, taking a turn on the model per chunk.
+
+    The same computation, chunk for chunk (writing.py), but the gate is released after each chunk,
+    so a long text does not hold every other user's reads for its whole length: whoever queued
+    meanwhile goes next, and the injection continues after them. The state itself stays locked by
+    the caller, so nobody sees it half-written.
+    """
+    model.check_state(state)
+    tokens = sum(chunk.numel() for chunk in chunks)
+    record = state.record_injection(source, tokens)
+    slots = 0
+    for chunk in chunks:
+        with gate.hold("write"):
+            model.adapters.activate("write")  # a read may have switched the adapter in between
+            new = compute_new_slots(model, state, chunk.to(model.device))
+            store_slots(model, state, new, record.id, chunk.numel())
+        slots += new.shape[1]
+    return InjectionResult(record.id, len(chunks), tokens, slots)

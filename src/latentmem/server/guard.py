@@ -1,38 +1,26 @@
-"""Authentication and body-size limits, checked before anything reads a request body.
+"""Authentication, body-size limits and a body deadline, checked before anything reads a request body.
 
 A pure ASGI middleware: a `/v1/` request without a valid bearer key gets 401 (even if its body is
-malformed), one with a declared or streamed body over the limit gets 413. The authenticated user
-is left in the ASGI scope under `USER_KEY`. Errors take OpenAI's shape: {"error": {"message",
-"type", "code", "param"}}.
+malformed), one with a declared or streamed body over the limit gets 413, and one whose body has
+not fully arrived `body_timeout` seconds after the request began gets 408: a client sending its
+body a byte a second cannot hold a connection forever. Both close the connection (the rest of the
+body is not wanted) and say so. The authenticated user is left in the ASGI scope under `USER_KEY`.
 """
 
 from __future__ import annotations
 
-import json
-
-from fastapi import HTTPException
+import asyncio
 
 from .auth import KeyTable
+from .errors import CLOSE, ApiError, send_error
 
 USER_KEY = "latentmem.user"
 
 
-class ApiError(HTTPException):
-    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None):
-        super().__init__(status, message)
-        self.code, self.param = code, param
-
-
-def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(status)
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
-
-
 class Guard:
-    def __init__(self, app, keys: KeyTable, max_body_bytes: int, max_import_bytes: int):
+    def __init__(self, app, keys: KeyTable, max_body_bytes: int, max_import_bytes: int, body_timeout: float):
         self.app, self.keys = app, keys
-        self.max_body_bytes, self.max_import_bytes = max_body_bytes, max_import_bytes
+        self.max_body_bytes, self.max_import_bytes, self.body_timeout = max_body_bytes, max_import_bytes, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -42,28 +30,29 @@ class Guard:
         user = self.keys.user(key.strip()) if scheme.lower() == "bearer" else None
         if user is None:
             message = "missing or invalid API key (send Authorization: Bearer KEY)"
-            return await _send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+            return await send_error(send, 401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
         limit = self.max_import_bytes if scope["path"] == "/v1/memory/import" else self.max_body_bytes
         too_large = f"request body over the {limit}-byte limit"
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _send_error(send, 413, too_large, "body_too_large")
+            return await send_error(send, 413, too_large, "body_too_large", CLOSE)
         scope[USER_KEY] = user
-        received = 0
+        loop = asyncio.get_running_loop()
+        deadline, received, complete = loop.time() + self.body_timeout, 0, False
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
+        async def guarded_receive():
+            nonlocal received, complete
+            if complete:  # after the body, receive only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                message = f"request body not received within {self.body_timeout:g} s"
+                raise ApiError(408, message, "body_timeout", headers=CLOSE) from None
             received += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if received > limit:  # a chunked body that grows past the limit
-                raise ApiError(413, too_large, "body_too_large")
+                raise ApiError(413, too_large, "body_too_large", headers=CLOSE)
             return message
 
-        await self.app(scope, limited_receive, send)
-
-
-async def _send_error(send, status: int, message: str, code: str, headers=()) -> None:
-    body = json.dumps(error_body(status, message, code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await self.app(scope, guarded_receive, send)
