@@ -3,7 +3,7 @@
 The prompt holds the most recent turns (rendered with the tokenizer's chat template, which places
 BOS itself) up to `window_tokens`; the memory prefix sits in front of it. Whole exchanges that
 leave the window are written into memory as role-tagged text ("User: ...\\nAssistant: ..."),
-without BOS (SPEC §2), in chunks of `min_chunk_tokens..max_chunk_tokens` tokens: shorter leftovers
+without BOS (as MemoryLLM writes), in chunks of `min_chunk_tokens..max_chunk_tokens` tokens: shorter leftovers
 wait for the next exchange to join them. Closing the session writes everything not yet in memory
 (the window too) and saves the memory file, so a later session with the same file starts from it.
 
@@ -70,7 +70,7 @@ def role_tagged(turns: Sequence[Turn]) -> str:
 
 
 def memory_ids(tokenizer, text: str) -> list[int]:
-    """A context's token ids for writing: no BOS (SPEC §2), special tokens in the text kept as text."""
+    """A context's token ids for writing: no BOS (as MemoryLLM writes), special tokens in the text kept as text."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 

@@ -1,4 +1,4 @@
-"""Model folders on disk: latentmem's native layout and the official MemoryLLM layout (SPEC §6).
+"""Model folders on disk: latentmem's native layout and the official MemoryLLM layout.
 
 Both layouts use the same tensor names (the official ones: `model.layers.{i}...`, `lm_head.weight`,
 `bos_embedding`, `new_memory_positional_emb`, LoRA as `base_layer` / `lora_A.default` /
@@ -31,7 +31,7 @@ OFFICIAL_MEMORY_FIELDS = (
     "num_tokens", "num_blocks", "num_memory_tokens", "add_bos_embedding",
     "drop_memory_per_layer", "add_decoder_lora", "lora_config",
 )  # fmt: skip
-# M+ fields of the official config.json (SPEC §6); only some have a meaning in latentmem.
+# M+ fields of the official config.json; only some have a meaning in latentmem.
 OFFICIAL_MPLUS_FIELDS = (
     "num_ltm_blocks", "update_ltm_mode", "update_ltm_frequency", "decay_frequency",
     "initial_rf_when_moving_stm_to_ltm", "ltm_initial_size", "selector_hidden_dim",

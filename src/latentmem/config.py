@@ -86,7 +86,7 @@ class MemoryLLMConfig(PretrainedConfig):
 
 
 class MPlusConfig(MemoryLLMConfig):
-    r"""Configuration of [`MPlus`]: MemoryLLM plus a long-term memory with a co-trained retriever (SPEC §5).
+    r"""Configuration of [`MPlus`]: MemoryLLM plus a long-term memory with a co-trained retriever (docs/design.md).
 
     Of `num_blocks` blocks of K slots, `num_ltm_blocks` are retrieved from long-term memory per
     prompt and the rest form short-term memory, so a read attends to the same number of slots.

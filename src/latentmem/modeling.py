@@ -49,7 +49,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         use_folded_gqa_attention(self.backbone)
         config.backbone_config = self.backbone.config
         L, d = self.backbone.config.num_hidden_layers, self.backbone.config.hidden_size
-        # Placed at position 0 of every layer, in front of memory (SPEC §1).
+        # Placed at position 0 of every layer, in front of memory.
         self.bos_embedding = nn.Parameter(torch.randn(L, 1, d) * 0.02) if config.add_bos_embedding else None
         # Added to the last K positions of a layer's input while writing, marking "these become memory".
         self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
@@ -173,7 +173,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if state.device != self.device:
             raise ValueError(f"memory is on {state.device} but the model is on {self.device}; call memory.to(...)")
 
-    # --- writing (SPEC §2, §4) ------------------------------------------------------------
+    # --- writing and decay (writing.py, pool.py) -----------------------------------------
     def inject(
         self,
         memory: MemoryState,
@@ -220,7 +220,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             raise KeyError(f"no injections with ids {sorted(unknown)} in this memory")
         return forget_injections(memory, ids)
 
-    # --- reading (SPEC §3) ----------------------------------------------------------------
+    # --- reading (reading.py) -------------------------------------------------------------
     def memory_prefix(self, memory: MemoryState | torch.Tensor):
         """Memory keys/values for reading.
 
@@ -320,7 +320,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         attn_implementation: str | None = None,
         **hf_kwargs,
     ) -> "MemoryLLM":
-        """Load a latentmem folder or an official MemoryLLM checkpoint folder (SPEC §6).
+        """Load a latentmem folder or an official MemoryLLM checkpoint folder (checkpoint.py).
 
         `dtype` defaults to the checkpoint's own ("auto"). For drop-in use where transformers'
         arguments are passed, `torch_dtype` is read as `dtype` and a single-device `device_map` as

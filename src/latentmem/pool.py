@@ -1,4 +1,4 @@
-"""Pool update and decay (SPEC §4): how a write changes a layer's short-term memory.
+"""Pool update and decay (docs/design.md): how a write changes a layer's short-term memory.
 
 First write into an empty pool: the new slots are tiled to fill all N positions. Every later
 write forgets K slots chosen uniformly at random (one draw shared by all layers, or one per layer),
@@ -64,7 +64,7 @@ def write_slots(
 
     Returns the evicted slots (None for the first write, which evicts nothing). `protected [L, N]`
     marks slots to drop last. `recomputed`: how many of the new slots (the first ones) re-ran the
-    pool's newest slots instead of the context (a context shorter than K, SPEC §2). Under the causal
+    pool's newest slots instead of the context (a context shorter than K; see writing.py). Under the causal
     mask they never saw the context, so they keep the provenance of the slots they re-ran: forgetting
     an injection removes its re-run copies, and M+ learns to retrieve them for its questions.
     """

@@ -1,6 +1,6 @@
 """Prefix attention: memory slots that supply keys and values only.
 
-Both writing (§2) and reading (§3) place a prefix of memory vectors in front of a layer's input.
+Both writing (writing.py) and reading (reading.py) place a prefix of memory vectors in front of a layer's input.
 Prefix positions get no query, residual or MLP: only the layer's input norm, its k/v projections
 and RoPE. This module computes those keys/values with the backbone's own modules, so every
 backbone detail (grouped-query attention, projection biases, Qwen3's k_norm, RoPE scaling) is

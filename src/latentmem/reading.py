@@ -1,4 +1,4 @@
-"""Reading from memory (SPEC §3): the memory prefix every query attends to.
+"""Reading from memory (docs/design.md, Reading): the memory prefix every query attends to.
 
 For every layer l the input is [bos_l ; STM_l (N slots) ; prompt], positions 0, 1..N, N+1.. .
 Memory positions supply keys/values only, and those depend on the state and the weights, never on

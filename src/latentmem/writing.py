@@ -1,4 +1,4 @@
-"""Writing into memory (SPEC §2, "self-update") and the `inject` entry point.
+"""Writing into memory (MemoryLLM's "self-update"; docs/design.md, Writing) and the `inject` entry point.
 
 For every layer l, independently, the layer input is
     z = [bos_l ; last K slots of STM_l ; h_l]       positions 0, 1..K, K+1..K+n
@@ -201,7 +201,7 @@ def tokenize_context(input_ids=None, text=None, tokenizer=None) -> torch.Tensor:
             raise ValueError("text= needs tokenizer= to turn it into token ids")
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        # The released models were trained on contexts without BOS (SPEC §2).
+        # The released models were trained on contexts without BOS.
         input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     input_ids = torch.as_tensor(input_ids)
     if input_ids.dim() == 2:

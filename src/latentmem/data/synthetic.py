@@ -1,4 +1,4 @@
-"""Synthetic fact documents about invented entities, with question/answer pairs (SPEC §8).
+"""Synthetic fact documents about invented entities, with question/answer pairs (for training and evaluation).
 
 Entities are made up (syllable-built names, towns, dates, codes), so a pretrained model cannot
 already know the answers: a correct answer must come from memory. Every relation has several

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §8): the knowledge-retention protocol, the baselines it compares, reports."""
+"""Evaluation (docs/evaluation.md): the knowledge-retention protocol, the baselines it compares, reports."""
 
 from .datasets import build_samples, file_samples, load_qa_file, nolima_samples, synthetic_samples
 from .methods import (

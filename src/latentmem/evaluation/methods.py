@@ -1,4 +1,4 @@
-"""The methods compared on one stream (SPEC §8): internal memory and the usual band-aids.
+"""The methods compared on one stream of the retention protocol: internal memory and the usual band-aids.
 
 Every method is driven through the same three calls: `reset(seed)` (a fresh, empty memory),
 `observe(text)` (one more context arrives), `answer(question)` (greedy answer, with the prompt

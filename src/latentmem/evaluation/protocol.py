@@ -1,4 +1,4 @@
-"""The knowledge-retention protocol (SPEC §8, the MemoryLLM papers' main figure).
+"""The knowledge-retention protocol (the MemoryLLM papers' main figure; docs/design.md).
 
 For each sample a method is reset (fresh memory, fixed seed), observes the context that holds the
 answer and then distractors one by one, and after each checkpoint count of distractors answers

@@ -1,4 +1,4 @@
-"""M+ long-term memory (SPEC §5): a per-layer store of evicted slots, searched by retrieval keys.
+"""M+ long-term memory (docs/design.md): a per-layer store of evicted slots, searched by retrieval keys.
 
 `LongTermStore` (store.py) is the public API; table.py holds its memory-mappable arrays, layer.py
 one layer's bookkeeping, index.py scoring and the FAISS indexes, files.py the on-disk format.

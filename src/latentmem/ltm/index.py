@@ -1,4 +1,4 @@
-"""Scoring and vector indexes for long-term-memory retrieval (SPEC §5).
+"""Scoring and vector indexes for long-term-memory retrieval (M+).
 
 M+ scores a slot against a prompt as the mean over the prompt's query rows of sigmoid(q . key).
 `exact` computes that for every slot, in chunks of rows so memory stays bounded however large the

@@ -1,4 +1,4 @@
-"""Reading with long-term memory (SPEC §5): retrieve per layer, then attend to [bos ; retrieved ; STM]
+"""Reading with long-term memory (M+): retrieve per layer, then attend to [bos ; retrieved ; STM]
 (other layouts: `MPlusConfig.retrieved_slots_position`).
 
 Which long-term slots a layer retrieves depends on the prompt's hidden states entering that layer,

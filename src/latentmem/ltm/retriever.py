@@ -1,4 +1,4 @@
-"""The M+ retriever (SPEC §5): low-dimensional keys for long-term slots and queries for prompts.
+"""The M+ retriever (docs/design.md): low-dimensional keys for long-term slots and queries for prompts.
 
 Per layer, three small MLPs map the layer's input-norm output (d) to h = `selector_hidden_dim`:
 `query_proj` for prompt tokens, `key_proj` for slots moving to long-term memory, and
@@ -50,7 +50,7 @@ def retrieval_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def retriever_loss(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Balanced binary cross-entropy of slot relevance (SPEC §5, training).
+    """Balanced binary cross-entropy of slot relevance (M+'s retriever training).
 
     `queries [q, h]` come from the target's (detached) hidden states, `keys [M, h]` from the
     (detached) slots; `positive [M]` marks the slots written by the contexts the target continues.

@@ -1,4 +1,4 @@
-"""LongTermStore: M+ long-term memory (SPEC §5), off the accelerator, scaling past RAM.
+"""LongTermStore: M+ long-term memory, off the accelerator, scaling past RAM.
 
 One store per MemoryState; one independent memory per layer. Slots evicted from short-term
 memory arrive with their retrieval keys (`add`); every write ages them (`advance_ages`); every few

@@ -1,7 +1,7 @@
 """Sharing one model between threads that write and threads that read.
 
 A MemoryLLM's active LoRA adapter is model-wide state: writes run with `default`, reads with
-`decoder_adapter` (SPEC §1), and `model.adapters.activate` switches it for every thread at once. So
+`decoder_adapter` (adapters.py), and `model.adapters.activate` switches it for every thread at once. So
 a write must never run while a read is mid-forward, or either would compute with the wrong
 adapter. Calls in the *same* role do not disturb each other (inference only reads the weights),
 so reads may overlap reads and writes may overlap writes, up to `max_parallel` at once.

@@ -1,4 +1,4 @@
-"""Training a MemoryLLM to write into and read from its memory (SPEC §7).
+"""Training a MemoryLLM to write into and read from its memory (docs/design.md, Training objective).
 
 Entry point for the CLI (`latentmem train --preset NAME`):
 
@@ -15,7 +15,7 @@ final model folder `out_dir/final` (a latentmem folder with the tokenizer). `out
 Building blocks for your own data and base model:
 - `Trainer(model, make_task, TrainingConfig(...), out_dir).train()`: the loop (curriculum
   `Stage`s, gradient accumulation, bf16 on GPU / fp32 on CPU, checkpoints, JSONL metrics).
-- `MemoryObjective` / `Episode`: the §7 objective, one memory state per episode (batched across states).
+- `MemoryObjective` / `Episode`: MemoryLLM's training objective, one memory state per episode (batched across states).
 - `FactTask` (synthetic facts + filler distractors), `CorpusTask` (segments of local documents).
 - `recall_accuracy(model, tokenizer, ...)`: exact-hit on held-out facts after n distractors.
 - `train_bpe_tokenizer(texts, vocab_size)`: a small BPE for models trained from scratch.

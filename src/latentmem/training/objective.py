@@ -1,4 +1,4 @@
-"""The training objective of SPEC §7, one episode per memory state.
+"""MemoryLLM's training objective (docs/design.md), one episode per memory state.
 
 An episode is a few contexts and a target. The contexts are written into the episode's memory
 state one by one, then the target is predicted while reading the whole memory (LM loss on the

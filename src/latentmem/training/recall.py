@@ -1,4 +1,4 @@
-"""Recall of freshly written facts, measured through the public API only (SPEC §8, in small).
+"""Recall of freshly written facts, measured through the public API only (the retention protocol, in small).
 
 For each held-out fact document: a new memory, `inject` the document, then `inject` filler
 distractors one by one; after 0, 5, ... distractors ask each of the document's questions with

@@ -1,4 +1,4 @@
-"""Training M+ (SPEC §5, §7): the retriever finds the long-term slots that answer a question, and
+"""Training M+ (docs/design.md, Training objective): the retriever finds the long-term slots that answer a question, and
 (co-training) the language model learns to answer from them.
 
 Start from a MemoryLLM already trained to read its memory (e.g. the `tiny` preset), turned into an
@@ -6,7 +6,7 @@ M+ by `mplus_from`. By default only the per-layer retrievers learn; with `train_
 language model learns too, reading the answer's long-term slots (`answer_first_retrieval`). Training
 data is a long stream, as in real use: one memory takes a fact document and a few filler passages
 per step, so older documents' slots are evicted into long-term memory. Each step then asks a
-question about a document whose slots are in long-term memory and applies SPEC §5's balanced
+question about a document whose slots are in long-term memory and applies M+'s balanced
 binary cross-entropy in every layer: that document's long-term slots are the positives, all other
 long-term slots the negatives. Queries come from the question's hidden states entering each layer
 (read with short-term memory, detached); keys are recomputed from the stored slots, so the
@@ -208,7 +208,7 @@ def train_retriever(
 ) -> list[RetrieverStep]:
     """Train `model.retrievers` in place on `batch_size` question streams; returns the per-step record.
 
-    With `train_lm=True` the language model trains too (co-training, SPEC §7): every question's
+    With `train_lm=True` the language model trains too (co-training, as in M+): every question's
     answer is also predicted reading `[bos ; retrieved ; STM]`, the retrieved slots chosen by
     `answer_first_retrieval`, so the model learns to answer from long-term slots; `fresh_fraction`
     of the questions are asked right after their document's write, so answering fresh memories
