@@ -191,6 +191,8 @@ def test_official_mplus_layout_loads_and_saves_back(tmp_path):
     assert "model.layers.0.self_attn.query_proj.0.weight" in tensors and "ltm_keys.2" in tensors
     assert tensors["ltm.0"].shape == (state.ltm.size(0), 64) and "initialized" not in tensors
     again = MPlus.from_pretrained(tmp_path / "official")
+    assert again.config.release_compatible  # an official folder reads as the release does ...
+    again.config.release_compatible = False  # ... which orders slots of equal age its own way
     memory = again.initial_memory()
     assert memory.ltm.size(0) == state.ltm.size(0)
     ids = random_ids(6, seed=3)

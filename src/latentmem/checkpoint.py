@@ -6,20 +6,28 @@ Both layouts use the same tensor names (the official ones: `model.layers.{i}...`
 - native: `config.json` is a `MemoryLLMConfig` (the backbone config nested); no memory inside,
   since memory states are saved separately (`MemoryState.save`).
 - official: `config.json` is a flat Llama config with the memory fields and
-  `architectures: ["MemoryLLM"]`; `memory` [L, N, d] and `initialized` ship with the weights.
+  `architectures: ["MemoryLLM"]` or `["MPlus"]`; `memory` [L, N, d] and `initialized` ship with the
+  weights, and M+'s long-term memory as `ltm.{i}`, `ltm_keys.{i}`, `ltm_recall_frequencies.{i}`,
+  `ltm_ages.{i}` per layer, all in the model dtype (the release keeps them in `nn.ParameterList`s).
+  That long-term memory streams between the files and a memory-mapped store (`ltm/official.py`),
+  and an official M+ folder loads with `MPlusConfig.release_compatible` on (`ltm/release.py`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
 
 from .config import MemoryLLMConfig, MPlusConfig
+from .ltm.official import LTM_TENSORS, Chunked, Entry, read_header, read_rows, stream_into_store, write_safetensors
 from .state import MemoryState
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,7 +52,8 @@ MPLUS_KEPT_FIELDS = (
 # Official retriever weights sit inside each attention module; latentmem keeps them apart.
 OFFICIAL_RETRIEVER_KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(query_proj|key_proj|encoder_query_proj)\.(.+)$")
 NATIVE_RETRIEVER_KEY = re.compile(r"^retrievers\.(\d+)\.(query_proj|key_proj|encoder_query_proj)\.(.+)$")
-LTM_TENSORS = ("ltm", "ltm_keys", "ltm_recall_frequencies", "ltm_ages")
+LTM_KEY = re.compile(r"^(%s)\.\d+$" % "|".join(LTM_TENSORS))
+SAVE_CHUNK_ROWS = 16384  # long-term rows read from the store per step when saving
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
@@ -58,17 +67,19 @@ def is_mplus(config: dict) -> bool:
     return "MPlus" in (config.get("architectures") or []) or config.get("model_type") == MPlusConfig.model_type
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: one `model.safetensors` or the shards its index names."""
+def weight_entries(folder: Path) -> dict[str, Entry]:
+    """Where every tensor of a folder lies: one `model.safetensors` or the shards its index names
+    (read from the files' headers; no tensor is read)."""
     if (folder / SHARD_INDEX).exists():
         shards = sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(folder / shard))
-        return tensors
-    if not (folder / WEIGHTS_FILE).exists():
+    elif (folder / WEIGHTS_FILE).exists():
+        shards = [WEIGHTS_FILE]
+    else:
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (or {SHARD_INDEX})")
-    return load_file(folder / WEIGHTS_FILE)
+    entries: dict[str, Entry] = {}
+    for shard in shards:
+        entries.update(read_header(folder / shard))
+    return entries
 
 
 def official_config_to_native(config: dict) -> MemoryLLMConfig:
@@ -81,16 +92,18 @@ def official_config_to_native(config: dict) -> MemoryLLMConfig:
     lora = config.get("lora_config")
     # `num_memory_tokens` is derived (num_tokens * num_blocks); the `memory` tensor's shape is
     # checked when the pool is installed, with a message naming both shapes.
-    config_class, extra = MemoryLLMConfig, {}
+    config_class, extra = MemoryLLMConfig, {"drop_memory_per_layer": config.get("drop_memory_per_layer", False)}
     if is_mplus(config):
-        config_class, extra = MPlusConfig, {k: config[k] for k in MPLUS_KEPT_FIELDS if k in config}
+        # Read and write as the release does (ltm/release.py); its M+ draws every layer's short-term
+        # drops separately, whatever `drop_memory_per_layer` says.
+        extra = {k: config[k] for k in MPLUS_KEPT_FIELDS if k in config}
+        config_class, extra["release_compatible"], extra["drop_memory_per_layer"] = MPlusConfig, True, True
     return config_class(
         **extra,
         backbone_config=backbone_config,
         num_tokens=config["num_tokens"],
         num_blocks=config["num_blocks"],
         add_bos_embedding=config.get("add_bos_embedding", True),
-        drop_memory_per_layer=config.get("drop_memory_per_layer", False),
         lora=None if lora is None else {
             "r": lora["r"],
             "lora_alpha": lora.get("lora_alpha", lora["r"]),
@@ -120,7 +133,11 @@ def native_config_to_official(config: MemoryLLMConfig) -> dict:
     return official
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
+def load_pretrained(
+    path, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None, ltm_dir=None
+):
+    """Load a folder (either layout). An official M+ folder's long-term memory streams into a
+    memory-mapped store under `ltm_dir` (default: a temporary folder removed with the model)."""
     from .modeling import MemoryLLM
     from .mplus import MPlus
 
@@ -135,10 +152,11 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, attn_im
         config = (MPlusConfig if is_mplus(raw_config) else MemoryLLMConfig).from_dict(raw_config)
     if attn_implementation is not None:
         config.backbone_config._attn_implementation = attn_implementation
-    tensors = read_weights(folder)
+    entries = weight_entries(folder)
+    ltm = {name: entry for name, entry in entries.items() if LTM_KEY.match(name)}
+    tensors = {name: read_rows(entry) for name, entry in entries.items() if name not in ltm}
     memory = tensors.pop("memory", None)
     initialized = tensors.pop("initialized", None)
-    ltm = {name: _pop_layers(tensors, name) for name in LTM_TENSORS}
     tensors = {_native_retriever_key(k): v for k, v in tensors.items()}
 
     model = (MPlus if isinstance(config, MPlusConfig) else MemoryLLM)(config)
@@ -152,16 +170,10 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, attn_im
         state = model.new_memory()
         if initialized is None or int(initialized) != 0:
             state.stm = memory
-        if state.ltm is not None and ltm["ltm"]:
-            _fill_long_term(model, state, ltm)
+        if state.ltm is not None and ltm:
+            _stream_long_term(state, ltm, ltm_dir)
         model.checkpoint_memory = state
     return model
-
-
-def _pop_layers(tensors: dict, name: str) -> list[torch.Tensor]:
-    """Remove `name.0`, `name.1`, ... from `tensors`, in layer order."""
-    found = {int(k.rsplit(".", 1)[1]): k for k in tensors if k.startswith(name + ".") and k.rsplit(".", 1)[1].isdigit()}
-    return [tensors.pop(found[i]) for i in sorted(found)]
 
 
 def _native_retriever_key(key: str) -> str:
@@ -174,15 +186,12 @@ def _official_retriever_key(key: str) -> str:
     return f"model.layers.{match[1]}.self_attn.{match[2]}.{match[3]}" if match else key
 
 
-def _fill_long_term(model, state: MemoryState, ltm: dict[str, list[torch.Tensor]]) -> None:
-    """Put an official checkpoint's long-term slots (keys, recall frequencies, ages) into the state."""
-    if len(ltm["ltm"]) != state.num_layers:
-        raise ValueError(f"checkpoint has long-term memory for {len(ltm['ltm'])} layers, model has {state.num_layers}")
-    for i in range(state.num_layers):
-        slots, keys = ltm["ltm"][i], ltm["ltm_keys"][i]
-        store = state.ltm
-        store.add(i, slots, keys, torch.full((len(slots),), -1, dtype=torch.long), frequency=0.0)
-        store.set_layer_stats(i, ages=ltm["ltm_ages"][i], frequencies=ltm["ltm_recall_frequencies"][i])
+def _stream_long_term(state: MemoryState, ltm: dict[str, Entry], ltm_dir) -> None:
+    """Put an official checkpoint's long-term memory into the state's store without reading it into RAM."""
+    folder = Path(ltm_dir) if ltm_dir is not None else Path(tempfile.mkdtemp(prefix="latentmem-ltm-"))
+    if ltm_dir is None:  # stores copied from this one keep their memory maps after the files go
+        weakref.finalize(state.ltm, shutil.rmtree, folder, ignore_errors=True)
+    stream_into_store(state.ltm, ltm, folder)
 
 
 def _load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
@@ -229,17 +238,35 @@ def save_pretrained(model, path, layout: str = "native", memory: MemoryState | N
         tensors["memory"] = pool.detach().to(model.dtype).contiguous().cpu()
         if isinstance(model.config, MPlusConfig):
             if memory is not None and memory.ltm is not None:
-                for i in range(L):
-                    everything = memory.ltm.get(i, torch.arange(memory.ltm.size(i)))
-                    tensors[f"ltm.{i}"] = torch.as_tensor(everything["slots"]).to(model.dtype).contiguous()
-                    tensors[f"ltm_keys.{i}"] = torch.as_tensor(everything["keys"]).to(model.dtype).contiguous()
-                    tensors[f"ltm_recall_frequencies.{i}"] = torch.as_tensor(everything["frequencies"]).float()
-                    tensors[f"ltm_ages.{i}"] = torch.as_tensor(everything["ages"]).long()
+                tensors.update(_official_long_term(memory.ltm, model.dtype))
         else:
             tensors["initialized"] = torch.tensor(int(memory is not None and memory.initialized), dtype=torch.uint8)
         config = native_config_to_official(model.config)
+        write_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     else:
         config = model.config.to_dict()
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     model.generation_config.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def _official_long_term(store, dtype: torch.dtype) -> dict[str, torch.Tensor | Chunked]:
+    """A store's long-term memory as the release saves it: slots, keys, recall frequencies and ages
+    per layer, all in the model dtype (ages rounded to it, as the release's bfloat16 ones are).
+    Slots still pending (evicted since the last merge, which the release would lose on saving) are
+    saved after the merged ones, with the recall frequency a merge would give them, before decay.
+    Slots and keys stream from the store in chunks."""
+    tensors: dict[str, torch.Tensor | Chunked] = {}
+    for i in range(store.num_layers):
+        size = store.size(i) + store.pending_size(i)
+        stats = store.layer_stats(i)
+
+        def rows(field: str, i: int = i, size: int = size):
+            for start in range(0, size, SAVE_CHUNK_ROWS):
+                yield store.get(i, torch.arange(start, min(size, start + SAVE_CHUNK_ROWS)))[field]
+
+        tensors[f"ltm.{i}"] = Chunked(dtype, (size, store.hidden_size), lambda rows=rows: rows("slots"))
+        tensors[f"ltm_keys.{i}"] = Chunked(dtype, (size, store.key_dim), lambda rows=rows: rows("keys"))
+        tensors[f"ltm_recall_frequencies.{i}"] = stats["frequencies"].to(dtype)
+        tensors[f"ltm_ages.{i}"] = stats["ages"].double().to(dtype)
+    return tensors

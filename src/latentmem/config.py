@@ -102,7 +102,15 @@ class MPlusConfig(MemoryLLMConfig):
             slots (recall frequency x importance) go first.
         ltm_index: "exact" (default), "ivf" or "hnsw" search over long-term keys.
         promote_on_retrieval: recall frequency added to retrieved slots (0 keeps the release's
-            behaviour, which never raises it and so forgets first-in-first-out).
+            behaviour, which never raises it and so forgets first-in-first-out). Default: 1, or 0
+            with `release_compatible`.
+        release_compatible: reproduce the official M+ release exactly where latentmem differs on
+            purpose (`ltm/release.py`): evicted slots wait in a pending buffer merged every
+            `update_ltm_frequency` writes, arriving with the release's ages; the release's
+            all-or-nothing decay; no promotion on retrieval; fewer long-term slots than the budget
+            read tiled; equal ages read in the release's order. On when an official folder is
+            loaded (which also sets `drop_memory_per_layer`: the release's M+ draws every layer's
+            drops separately), off for latentmem's own models.
         protect_pinned_fraction: at most this fraction of short-term slots is spared by random
             drops because it belongs to pinned injections (0: off, as in the release).
         retrieved_slots_position: where a read puts the retrieved slots. "first": [bos ; retrieved ;
@@ -126,11 +134,17 @@ class MPlusConfig(MemoryLLMConfig):
         update_ltm_frequency: int = 60,
         ltm_max_slots: int | None = None,
         ltm_index: str = "exact",
-        promote_on_retrieval: float = 1.0,
+        promote_on_retrieval: float | None = None,
         protect_pinned_fraction: float = 0.0,
         retrieved_slots_position: str = "first",
+        release_compatible: bool = False,
         **kwargs: Any,
     ):
+        if promote_on_retrieval is None:
+            promote_on_retrieval = 0.0 if release_compatible else 1.0
+        if release_compatible and promote_on_retrieval:
+            raise ValueError("release_compatible reads never promote: leave promote_on_retrieval at 0")
+        self.release_compatible = release_compatible
         self.num_ltm_blocks = num_ltm_blocks
         self.selector_hidden_dim = selector_hidden_dim
         self.num_selector_layers = num_selector_layers

@@ -12,12 +12,14 @@ Everything MemoryLLM does stays as it is (writing, short-term pool, decay); M+ a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MPlusConfig
+from .ltm import release
 from .ltm.recall import prefill_with_retrieval
 from .ltm.retriever import LayerRetriever
 from .modeling import MemoryLLM
@@ -55,13 +57,14 @@ class MPlus(MemoryLLM):
         return state
 
     def initial_memory(self, seed: int = 0) -> MemoryState:
-        """A fresh state holding the short- and long-term memory the checkpoint shipped."""
+        """A fresh state holding the short- and long-term memory the checkpoint shipped (the long-term
+        store is copied cheaply: its memory-mapped slots are shared, see `LongTermStore.copy`)."""
         state = super().initial_memory(seed)
-        shipped = self.checkpoint_memory.ltm if self.checkpoint_memory is not None else None
-        for i in range(state.num_layers if shipped is not None else 0):
-            rows = shipped.get(i, torch.arange(shipped.size(i)))
-            state.ltm.add(i, rows["slots"], rows["keys"], rows["sources"], frequency=0.0, importance=rows["importance"])
-            state.ltm.set_layer_stats(i, ages=rows["ages"], frequencies=rows["frequencies"])
+        if self.checkpoint_memory is not None and self.checkpoint_memory.ltm is not None:
+            state.ltm = self.checkpoint_memory.ltm.copy()
+        if self.config.release_compatible:
+            state.ltm.release_reads = True
+            state.ltm.stm_ages = np.zeros((state.num_layers, state.num_slots), np.int64)  # the release starts at 0
         return state
 
     # --- writing: the eviction path -------------------------------------------------------
@@ -80,17 +83,24 @@ class MPlus(MemoryLLM):
     def after_write(self, memory: MemoryState, evicted: Evicted | None) -> None:
         cfg, ltm = self.config, memory.ltm
         ltm.advance_ages(cfg.num_tokens)
+        if cfg.release_compatible:  # see ltm/release.py
+            ltm.release_reads = True
+            arrivals = release.track_short_term_ages(ltm, memory.shape[:2], cfg.num_tokens, evicted)
         if evicted is not None:
             importance = self._importance(memory, evicted.sources)
             for i, layer in enumerate(self.decoder.layers):
                 slots = evicted.slots[i].to(self.dtype)
                 keys = self.retrievers[i].keys(layer.input_layernorm(slots))
-                ltm.add(
-                    i, slots, keys, evicted.sources[i],
-                    frequency=cfg.initial_rf_when_moving_stm_to_ltm, importance=importance[i],
-                )  # fmt: skip
+                rf, sources = cfg.initial_rf_when_moving_stm_to_ltm, evicted.sources[i]
+                if cfg.release_compatible:
+                    ltm.add_pending(i, slots, keys, sources, ages=arrivals[i], frequency=rf, importance=importance[i])
+                else:
+                    ltm.add(i, slots, keys, sources, frequency=rf, importance=importance[i])
         if memory.write_count % cfg.update_ltm_frequency == 0:
-            ltm.decay(cfg.decay_frequency)
+            if cfg.release_compatible:
+                ltm.merge_pending(cfg.decay_frequency, keep_more_than=cfg.retrieved_slots)
+            else:
+                ltm.decay(cfg.decay_frequency)
 
     @staticmethod
     def _importance(memory: MemoryState, sources: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ class Evicted:
     slots: torch.Tensor  # [L, k, d]
     sources: torch.Tensor  # [L, k]
     ages: torch.Tensor  # [L, k]
+    positions: torch.Tensor | None = None  # [L, k]: where they sat in the pool, ascending per layer
 
 
 def write_slots(
@@ -94,7 +95,9 @@ def write_slots(
         victims = dropped.nonzero()[:, 1].view(L, k)  # ascending per layer
         layer_index = torch.arange(L)[:, None]
         on_device = layer_index.to(state.device), victims.to(state.device)
-        evicted = Evicted(state.stm[on_device], state.sources[layer_index, victims], state.ages[layer_index, victims])
+        evicted = Evicted(
+            state.stm[on_device], state.sources[layer_index, victims], state.ages[layer_index, victims], victims
+        )
         pool = torch.empty_like(state.stm)  # gather straight into the new pool: no extra copy
         if per_layer:
             pool[:, : N - k] = state.stm[layer_index.to(state.device), survivors.to(state.device)]

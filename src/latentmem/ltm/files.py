@@ -5,6 +5,8 @@
                    keys.npy         [M, h] float32
                    ids.npy births.npy frequencies.npy sources.npy importance.npy   [M] each
                    index.faiss      the layer's approximate index, if one was built (read at first search)
+                   pending/         slots evicted but not yet merged (release.py), the same files
+    path/stm_ages.npy               [L, N] int64, the release's age of each short-term slot (if kept)
 
 A save writes everything into a temporary folder next to `path`, fsyncs it, then swaps it in with
 two renames: `path` -> `.{name}.old`, temp -> `path`, then deletes the old one. A crash before the
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from .store import LongTermStore
 
 FORMAT = "latentmem.long_term_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pending slots, release_reads, stm_ages (1 is read as having none)
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 COPY_CHUNK = 65536  # rows copied per step when writing a table (bounded memory for any size)
@@ -59,6 +61,9 @@ def save_store(store: LongTermStore, path: Path) -> None:
     try:
         os.chmod(tmp, replacement_mode(path, 0o777))  # mkdtemp makes it 0700; match what it replaces, or the umask
         layers = [_write_layer(memory, tmp / f"layer_{i:03d}") for i, memory in enumerate(store._layers)]
+        pending = [_write_layer(memory, tmp / f"layer_{i:03d}" / "pending") for i, memory in enumerate(store._pending)]
+        if store.stm_ages is not None:
+            _write_array(tmp / "stm_ages.npy", np.ascontiguousarray(store.stm_ages, dtype=np.int64))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -71,18 +76,21 @@ def save_store(store: LongTermStore, path: Path) -> None:
             "min_slots": store.min_slots,
             "clock": store.clock,
             "layers": layers,
+            "pending": pending,
+            "release_reads": store.release_reads,
+            "stm_ages": store.stm_ages is not None,
         }
         manifest["manifest_checksum"] = _manifest_checksum(manifest)
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        for folder in [tmp / f"layer_{i:03d}" for i in range(store.num_layers)] + [tmp]:
+        for folder in [tmp / f"layer_{i:03d}" / part for i in range(store.num_layers) for part in ("pending", "")] + [tmp]:
             fsync_dir(folder)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # Continue from the saved files: the big tables are now read from disk, not held in RAM.
-    for i, memory in enumerate(store._layers):
-        folder = path / f"layer_{i:03d}"
+    for i, memory in enumerate(store._layers + store._pending):
+        folder = path / f"layer_{i % store.num_layers:03d}" / ("pending" if i >= store.num_layers else "")
         memory.slots.rebase(np.load(folder / "slots.npy", mmap_mode="r"))
         memory.keys.rebase(np.load(folder / "keys.npy", mmap_mode="r"))
         memory.rows = Column(np.int64, np.arange(memory.size, dtype=np.int64))
@@ -221,6 +229,11 @@ def open_store(cls: type[LongTermStore], path: Path, *, mmap: bool = True) -> Lo
     store.clock = manifest["clock"]
     for i, (memory, entry) in enumerate(zip(store._layers, manifest["layers"])):
         _open_layer(memory, entry, path / f"layer_{i:03d}", mmap)
+    for i, (memory, entry) in enumerate(zip(store._pending, manifest.get("pending", []))):
+        _open_layer(memory, entry, path / f"layer_{i:03d}" / "pending", mmap)
+    store.release_reads = manifest.get("release_reads", False)
+    if manifest.get("stm_ages"):
+        store.stm_ages = np.load(path / "stm_ages.npy")
     return store
 
 

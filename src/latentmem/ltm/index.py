@@ -115,6 +115,13 @@ class ApproximateIndex:
         self.indexed_upto = 0
         self.trained_size = 0
 
+    def copy(self) -> ApproximateIndex:
+        """An independent index over the same ids (a saved, not yet read file is shared)."""
+        twin = ApproximateIndex(self.kind, self.dim)
+        twin.index = None if self.index is None else _faiss().clone_index(self.index)
+        twin.file, twin.indexed_upto, twin.trained_size = self.file, self.indexed_upto, self.trained_size
+        return twin
+
     # --- lifecycle ------------------------------------------------------------------------
     def sync(self, layer: LayerMemory, settings: SearchSettings) -> bool:
         """Bring the index up to date with `layer`; False if the layer is too small to index."""

@@ -71,6 +71,15 @@ class LayerMemory:
     def gather_keys(self, positions: np.ndarray) -> np.ndarray:
         return self._gather(self.keys, positions)
 
+    def copy(self) -> LayerMemory:
+        """An independent layer with the same slots (memory-mapped tables shared, see RowTable.copy)."""
+        twin = object.__new__(LayerMemory)
+        twin.slots, twin.keys, twin.rows = self.slots.copy(), self.keys.copy(), self.rows.copy()
+        twin.records = {name: column.copy() for name, column in self.records.items()}
+        twin.next_id = self.next_id
+        twin.index = None if self.index is None else self.index.copy()
+        return twin
+
     # --- changes --------------------------------------------------------------------------
     def append(self, slots: np.ndarray, keys: np.ndarray, records: dict[str, np.ndarray]) -> None:
         k = len(slots)

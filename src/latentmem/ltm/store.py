@@ -17,6 +17,12 @@ uint16 bits), keys float32 (the index and rescoring need float32; half precision
 retrieval disagree with the model's own scores), ages as birth times on a write clock (int64),
 frequencies and importance float32, sources int64. `save` writes a folder atomically and `open`
 memory-maps it (see files.py). Not thread-safe: one writer at a time, like a MemoryState.
+
+The official release's long-term memory (`MPlusConfig.release_compatible`, see release.py) keeps
+evicted slots *pending* until a merge every few writes: `add_pending`, `merge_pending`. Pending slots
+have positions after the merged ones (size .. size + pending_size - 1): searches and `get` see
+them, `size` does not count them. With `release_reads`, `search` also returns what the release
+reads, in the release's order (see `search`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import release
 from .index import INDEX_KINDS, SearchSettings, exact_scores, mean_sigmoid_scores
 from .layer import LayerMemory
 
@@ -67,14 +74,26 @@ class LongTermStore:
         self.clock = 0  # total age advance so far; a slot's age is clock - its birth
         self.search_settings = SearchSettings()
         self._layers = [LayerMemory(hidden_size, key_dim, SLOT_DTYPES[dtype], index) for _ in range(num_layers)]
+        # The official release's bookkeeping (release.py): slots evicted since the last merge, and
+        # whether searches return what the release reads; both stay empty/off otherwise.
+        self._pending = [LayerMemory(hidden_size, key_dim, SLOT_DTYPES[dtype], "exact") for _ in range(num_layers)]
+        self.release_reads = False
+        self.stm_ages: np.ndarray | None = None  # [L, N]: the age each short-term slot would arrive with
 
     # --- introspection ----------------------------------------------------------------------
     def size(self, layer: int) -> int:
+        """Slots in a layer's long-term memory (pending slots not counted)."""
         return self._layer(layer).size
 
+    def pending_size(self, layer: int) -> int:
+        """Evicted slots waiting for the next `merge_pending` (positions size .. size + pending - 1)."""
+        self._layer(layer)
+        return self._pending[layer].size
+
     def sources(self, layer: int) -> torch.Tensor:
-        """The injection id of every slot in a layer, `[size]` in position order (no slots read)."""
-        return torch.from_numpy(np.array(self._layer(layer).record("sources")))
+        """The injection id of every slot in a layer, `[size + pending]` in position order (no slots read)."""
+        parts = [self._layer(layer).record("sources"), self._pending[layer].record("sources")]
+        return torch.from_numpy(np.concatenate(parts))
 
     def __repr__(self) -> str:
         sizes = [m.size for m in self._layers]
@@ -98,6 +117,52 @@ class LongTermStore:
         """Append k slots `[k, d]` with their keys `[k, h]` and injection ids `[k]`, age 0, recall
         `frequency`; then evict the lowest-value slots while the layer exceeds `max_slots`."""
         memory = self._layer(layer)
+        rows = self._rows(slots, keys, sources, frequency, importance)
+        if rows is None:
+            return
+        memory.append(*rows)
+        if self.max_slots is not None and memory.size > self.max_slots:
+            order = np.argsort(self._values(memory), kind="stable")  # lowest value, then oldest, first
+            keep = np.ones(memory.size, bool)
+            keep[order[: memory.size - self.max_slots]] = False
+            memory.keep(keep)
+
+    def add_pending(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        keys: torch.Tensor,
+        sources: torch.Tensor,
+        *,
+        ages: torch.Tensor | int = 0,
+        frequency: float = 10.0,
+        importance: torch.Tensor | float = 1.0,
+    ) -> None:
+        """Like `add`, but the slots wait in the layer's pending buffer (searched, not yet in long-term
+        memory) until `merge_pending`, as the release keeps them; they arrive with `ages` `[k]`."""
+        self._layer(layer)
+        rows = self._rows(slots, keys, sources, frequency, importance)
+        if rows is None:
+            return
+        slot_rows, key_rows, records = rows
+        records["births"] = self.clock - release.integral_ages(torch.as_tensor(ages).expand(len(slot_rows)), "ages")
+        self._pending[layer].append(slot_rows, key_rows, records)
+
+    def merge_pending(self, decay: float, keep_more_than: int, threshold: float = 0.01) -> int:
+        """Move every layer's pending slots to long-term memory, then decay as the release does (see
+        `release.decay_all_or_nothing`). Returns the number of slots deleted (all layers)."""
+        deleted = 0
+        for memory, pending in zip(self._layers, self._pending):
+            if pending.size:
+                everything = np.arange(pending.size)
+                records = {name: np.array(pending.record(name)) for name in LayerMemory.RECORDS if name != "ids"}
+                memory.append(pending.slots_at(everything), pending.gather_keys(everything), records)
+                pending.keep(np.zeros(pending.size, bool))
+            deleted += release.decay_all_or_nothing(memory, self._values, decay, threshold, keep_more_than)
+        return deleted
+
+    def _rows(self, slots, keys, sources, frequency, importance):
+        """Validated numpy rows of an `add`: (slots, keys, records), or None when there are none."""
         k = self._check_rows("slots", slots, self.hidden_size)
         self._check_rows("keys", keys, self.key_dim, k)
         if not isinstance(sources, torch.Tensor) or sources.shape != (k,) or sources.is_floating_point():
@@ -109,28 +174,20 @@ class LongTermStore:
         if not torch.isfinite(keys).all():
             raise ValueError("keys contain NaN or inf; they would poison every search of this layer")
         if k == 0:
-            return
+            return None
         stored = slots.detach().to("cpu", self.dtype)
         if torch.isinf(stored).any() and not torch.isinf(slots).any():
             raise ValueError(
                 f"slots overflow {self.dtype} (values up to {slots.abs().max().item():.3g}); "
                 "create the store with dtype=torch.bfloat16 or torch.float32"
             )
-        memory.append(
-            self._to_numpy(stored),
-            keys.numpy(),
-            {
-                "births": np.full(k, self.clock, np.int64),
-                "frequencies": np.full(k, frequency, np.float32),
-                "sources": sources.detach().cpu().numpy().astype(np.int64),
-                "importance": importance,
-            },
-        )
-        if self.max_slots is not None and memory.size > self.max_slots:
-            order = np.argsort(self._values(memory), kind="stable")  # lowest value, then oldest, first
-            keep = np.ones(memory.size, bool)
-            keep[order[: memory.size - self.max_slots]] = False
-            memory.keep(keep)
+        records = {
+            "births": np.full(k, self.clock, np.int64),
+            "frequencies": np.full(k, frequency, np.float32),
+            "sources": sources.detach().cpu().numpy().astype(np.int64),
+            "importance": importance,
+        }
+        return self._to_numpy(stored), keys.numpy(), records
 
     def advance_ages(self, amount: int) -> None:
         """Age every slot of every layer by `amount` (M+ calls this with K on every write)."""
@@ -164,7 +221,7 @@ class LongTermStore:
         """Raise the recall frequency of the slots at `indices` by `amount` (once per occurrence),
         so that retrieved slots outlive unused ones."""
         memory = self._layer(layer)
-        positions = self._positions(memory, indices)
+        positions = self._positions(memory.size, indices)
         np.add.at(memory.records["frequencies"].mutable(), positions, np.float32(amount))
 
     def remove_sources(self, source_ids) -> int:
@@ -173,7 +230,7 @@ class LongTermStore:
         if isinstance(source_ids, (set, frozenset, range)) or not hasattr(source_ids, "__len__"):
             source_ids = list(source_ids) if not isinstance(source_ids, int) else [source_ids]
         ids = np.asarray(torch.as_tensor(source_ids, dtype=torch.long).reshape(-1))
-        return sum(m.keep(~np.isin(m.record("sources"), ids)) for m in self._layers)
+        return sum(m.keep(~np.isin(m.record("sources"), ids)) for m in self._layers + self._pending)
 
     def set_layer_stats(self, layer: int, *, ages=None, frequencies=None) -> None:
         """Overwrite every slot's age and/or recall frequency in a layer (`[size]` each), e.g. when
@@ -186,19 +243,21 @@ class LongTermStore:
             if len(values) != memory.size:
                 raise ValueError(f"{name} has {len(values)} values, layer {layer} holds {memory.size} slots")
             if name == "ages":
-                if values.is_floating_point() or (values < 0).any():
-                    raise ValueError("ages must be integers >= 0 (writes survived, counted in tokens)")
-                memory.records["births"].mutable()[:] = self.clock - values.numpy().astype(np.int64)
+                memory.records["births"].mutable()[:] = self.clock - release.integral_ages(values, f"layer {layer}'s ages")
             else:
                 if not torch.isfinite(values).all():
-                    raise ValueError("frequencies must be finite")
-                memory.records["frequencies"].mutable()[:] = values.numpy().astype(np.float32)
+                    raise ValueError(f"layer {layer}'s recall frequencies must be finite")
+                memory.records["frequencies"].mutable()[:] = values.float().numpy()
 
     # --- reads ------------------------------------------------------------------------------
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top min(k, size) slots for queries `[q, h]` by mean_q sigmoid(q . key): (positions `[k']`,
-        scores `[k']`), best first, no duplicates. Scores are exact for every index kind."""
-        memory = self._layer(layer)
+        """Top min(k, size + pending) slots for queries `[q, h]` by mean_q sigmoid(q . key): (positions
+        `[k']`, scores `[k']`), best first, no duplicates. Scores are exact for every index kind.
+
+        With `release_reads`, what the official release reads instead (release.py): a layer holding
+        fewer than k long-term slots has them tiled up to k (pending slots unseen), and the positions
+        come oldest first, in the release's order among equal ages, instead of best first."""
+        memory, pending = self._layer(layer), self._pending[layer]
         if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.key_dim:
             shape = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
             raise ValueError(f"queries must be a tensor [q, {self.key_dim}] (one row per prompt token), got {shape}")
@@ -206,19 +265,44 @@ class LongTermStore:
             raise ValueError("queries has no rows; pass at least one prompt token's query")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"k must be an int >= 0, got {k!r}")
-        k = min(int(k), memory.size)
-        queries = queries.detach().to("cpu", torch.float32)
+        queries_t = queries.detach().to("cpu", torch.float32).T.contiguous()
+        if self.release_reads and 0 < memory.size < k:
+            positions = release.tiled_positions(memory.size, int(k))
+            scores = mean_sigmoid_scores(memory.gather_keys(positions), queries_t)
+            return self._release_order(layer, torch.from_numpy(positions), scores)
+        k = min(int(k), memory.size + pending.size)
         if k == 0:
             return torch.empty(0, dtype=torch.long), torch.empty(0)
-        queries_t = queries.T.contiguous()
-        positions = self._candidates(memory, queries, k)
-        if positions is None:  # exact: score everything
-            scores = exact_scores(memory, queries_t)
-            top = torch.topk(scores, k)
-            return top.indices, top.values
-        scores = mean_sigmoid_scores(memory.gather_keys(positions), queries_t)
+        positions, scores = self._scored(memory, queries_t, min(k, memory.size))
+        if pending.size:
+            positions = torch.cat([positions, memory.size + torch.arange(pending.size)])
+            scores = torch.cat([scores, exact_scores(pending, queries_t)])
         top = torch.topk(scores, k)
-        return torch.from_numpy(positions)[top.indices], top.values
+        if not self.release_reads:
+            return positions[top.indices], top.values
+        ascending = torch.sort(positions[top.indices])  # the release reads its top k in position order
+        return self._release_order(layer, ascending.values, top.values[torch.argsort(positions[top.indices])])
+
+    def retrievable(self, layer: int, k: int) -> int:
+        """How many slots `search(layer, ..., k)` returns: min(k, size + pending), or k when
+        `release_reads` tiles a non-empty layer."""
+        memory, pending = self._layer(layer), self._pending[layer]
+        if self.release_reads and memory.size:
+            return k
+        return min(k, memory.size + pending.size)
+
+    def _scored(self, memory: LayerMemory, queries_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, exact scores) of a layer's merged slots worth ranking for a top k: every slot,
+        or the approximate index's candidates."""
+        positions = self._candidates(memory, queries_t.T, k) if k else None
+        if positions is None:
+            return torch.arange(memory.size), exact_scores(memory, queries_t)
+        return torch.from_numpy(positions), mean_sigmoid_scores(memory.gather_keys(positions), queries_t)
+
+    def _release_order(self, layer: int, positions: torch.Tensor, scores: torch.Tensor):
+        ages = self.get(layer, positions)["ages"].numpy()
+        order = torch.from_numpy(release.oldest_first(ages))
+        return positions[order], scores[order]
 
     def _candidates(self, memory: LayerMemory, queries: torch.Tensor, k: int) -> np.ndarray | None:
         """Sorted unique positions proposed by the approximate index, or None to search exactly."""
@@ -240,21 +324,54 @@ class LongTermStore:
         return positions
 
     def get(self, layer: int, indices) -> dict[str, torch.Tensor]:
-        """Slots at `indices` (positions, in the given order): 'slots' [k, d] in the store dtype,
-        'keys' [k, h] float32, 'ages', 'frequencies', 'sources', 'importance' [k]."""
-        memory = self._layer(layer)
-        positions = self._positions(memory, indices)
-        slots = torch.from_numpy(memory.slots_at(positions))
+        """Slots at `indices` (positions, pending ones included, in the given order): 'slots' [k, d] in
+        the store dtype, 'keys' [k, h] float32, 'ages', 'frequencies', 'sources', 'importance' [k]."""
+        memory, pending = self._layer(layer), self._pending[layer]
+        positions = self._positions(memory.size + pending.size, indices)
+        in_pending = positions >= memory.size
+        if in_pending.any():
+            parts = [self._fields(memory, positions[~in_pending]), self._fields(pending, positions[in_pending] - memory.size)]
+            fields = {}
+            for name in parts[0]:
+                fields[name] = np.empty((len(positions), *parts[0][name].shape[1:]), parts[0][name].dtype)
+                fields[name][~in_pending], fields[name][in_pending] = parts[0][name], parts[1][name]
+        else:
+            fields = self._fields(memory, positions)
+        got = {name: torch.from_numpy(values) for name, values in fields.items()}
         if self.dtype == torch.bfloat16:
-            slots = slots.view(torch.int16).view(torch.bfloat16)  # uint16 bits -> bfloat16
+            got["slots"] = got["slots"].view(torch.int16).view(torch.bfloat16)  # uint16 bits -> bfloat16
+        return got
+
+    def _fields(self, memory: LayerMemory, positions: np.ndarray) -> dict[str, np.ndarray]:
         return {
-            "slots": slots,
-            "keys": torch.from_numpy(memory.gather_keys(positions)),
-            "ages": torch.from_numpy(self.clock - memory.record("births")[positions]),
-            "frequencies": torch.from_numpy(np.array(memory.record("frequencies")[positions])),
-            "sources": torch.from_numpy(np.array(memory.record("sources")[positions])),
-            "importance": torch.from_numpy(np.array(memory.record("importance")[positions])),
+            "slots": memory.slots_at(positions),
+            "keys": memory.gather_keys(positions),
+            "ages": self.clock - memory.record("births")[positions],
+            **{name: np.array(memory.record(name)[positions]) for name in ("frequencies", "sources", "importance")},
         }
+
+    def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
+        """'ages' (int64) and 'frequencies' (float32) of every slot of a layer, pending ones included,
+        `[size + pending]` in position order (no slots read)."""
+        parts = [self._layer(layer), self._pending[layer]]
+        births = np.concatenate([m.record("births") for m in parts])
+        return {
+            "ages": torch.from_numpy(self.clock - births),
+            "frequencies": torch.from_numpy(np.concatenate([m.record("frequencies") for m in parts])),
+        }
+
+    def copy(self) -> LongTermStore:
+        """An independent store holding the same slots: what is memory-mapped from saved files is
+        shared (never written), the rest copied, so copying a store of any size costs little RAM."""
+        twin = LongTermStore(
+            self.num_layers, self.hidden_size, self.key_dim,
+            dtype=self.dtype, index=self.index_kind, max_slots=self.max_slots, min_slots=self.min_slots,
+        )  # fmt: skip
+        twin.clock, twin.release_reads, twin.search_settings = self.clock, self.release_reads, self.search_settings
+        twin.stm_ages = None if self.stm_ages is None else self.stm_ages.copy()
+        twin._layers = [memory.copy() for memory in self._layers]
+        twin._pending = [memory.copy() for memory in self._pending]
+        return twin
 
     # --- persistence (see files.py) ---------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -312,14 +429,14 @@ class LongTermStore:
         return np.where(importance == np.inf, np.inf, values)
 
     @staticmethod
-    def _positions(memory: LayerMemory, indices) -> np.ndarray:
+    def _positions(size: int, indices) -> np.ndarray:
         positions = np.asarray(torch.as_tensor(indices).reshape(-1).cpu())
         if positions.size and not np.issubdtype(positions.dtype, np.integer):
             raise ValueError(f"indices must be integers (positions from search), got {positions.dtype}")
         positions = positions.astype(np.int64)
-        bad = positions[(positions < 0) | (positions >= memory.size)]
+        bad = positions[(positions < 0) | (positions >= size)]
         if len(bad):
-            raise IndexError(f"indices {bad[:5].tolist()} out of range for a layer holding {memory.size} slots")
+            raise IndexError(f"indices {bad[:5].tolist()} out of range for a layer holding {size} slots")
         return positions
 
     def _to_numpy(self, slots: torch.Tensor) -> np.ndarray:

@@ -120,6 +120,13 @@ class RowTable:
             return False
         return (st.st_dev, st.st_ino) == self.base_file[1:]
 
+    def copy(self) -> RowTable:
+        """A table with the same rows: the base (never written) is shared, the tail copied."""
+        twin = RowTable(self.width, self.dtype, self.base)
+        twin.base_file = self.base_file
+        twin._tail, twin.tail_len = self._tail[: self.tail_len].copy(), self.tail_len
+        return twin
+
     def rebase(self, base: np.ndarray) -> None:
         """Continue from `base` (the rows just saved, in position order): the tail is emptied."""
         self.base, self.base_file = base, file_identity(base)
@@ -140,6 +147,10 @@ class Column:
     def values(self) -> np.ndarray:
         """The live values (a view; read-only while the column is still memory-mapped)."""
         return self._buf[: self._len]
+
+    def copy(self) -> Column:
+        """A column with the same values; a memory map is shared (both copy it on their first change)."""
+        return Column(self._buf.dtype, self.values if isinstance(self._buf, np.memmap) else self.values.copy())
 
     def mutable(self) -> np.ndarray:
         """The live values, writable (copies a memory-mapped column into RAM on first use)."""
