@@ -4,7 +4,10 @@ Starts the server as its own process on a loopback port (default model unless --
   1. in-process baseline: the same inject and chat calls straight on the model, no HTTP;
   2. one client, sequential requests;
   3. --clients clients at once, each on its own session (writes and reads interleaved), plus
-     the same with every client on one shared session (serialised by its lock).
+     the same with every client on one shared session (serialised by its lock);
+  4. one long inject (--long-repeats copies of the text, many chunks) and another session's chat
+     sent while it runs: the chat's latency against an idle chat's (the inject hands the model
+     back between chunks, so the chat should not wait for the whole inject).
 Prints requests/s and p50/p95 latency per endpoint, with ratios to the baselines.
 
     python benchmarks/bench_server.py --clients 20 --rounds 10
@@ -56,7 +59,7 @@ def start_server(args, data_dir: str) -> tuple[subprocess.Popen, str]:
 def client_run(url: str, session: str, rounds: int, max_tokens: int, timings: dict[str, list[float]]) -> None:
     """`rounds` pairs of (inject a text, ask a question) on one session, timing each request."""
     inject = {"text": TEXT, "session": session, "source": "bench"}
-    ask = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "session": session,
+    ask = {"model": served_model(url), "messages": [{"role": "user", "content": QUESTION}], "session": session,
            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as c:
         for _ in range(rounds):
@@ -67,6 +70,10 @@ def client_run(url: str, session: str, rounds: int, max_tokens: int, timings: di
                 if response.status_code != 200:
                     raise RuntimeError(f"{kind}: {response.status_code} {response.text}")
                 timings[kind].append(elapsed)
+
+
+def served_model(url: str) -> str:
+    return httpx.get(url + "/health").json()["model"]  # the server refuses other names (404)
 
 
 def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool) -> tuple[dict, float]:
@@ -105,6 +112,30 @@ def in_process_baseline(args) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def chat_during_long_inject(url: str, repeats: int, max_tokens: int) -> tuple[dict, float, float]:
+    """(the long inject's response, its seconds, the seconds of a chat sent 0.5 s into it)."""
+    result: dict = {}
+
+    def long_inject():
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as c:
+            start = time.perf_counter()
+            response = c.post("/v1/memory/inject", json={"text": " ".join([TEXT] * repeats), "session": "long"})
+            result.update(response.json(), seconds=time.perf_counter() - start)
+
+    writer = threading.Thread(target=long_inject)
+    writer.start()
+    time.sleep(0.5)
+    timings: dict[str, list[float]] = {"inject": [], "chat": []}
+    ask = {"model": served_model(url), "messages": [{"role": "user", "content": QUESTION}], "session": "c0",
+           "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as c:
+        start = time.perf_counter()
+        c.post("/v1/chat/completions", json=ask).raise_for_status()
+        timings["chat"].append(time.perf_counter() - start)
+    writer.join()
+    return result, result.get("seconds", float("nan")), timings["chat"][0]
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -118,19 +149,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per chat request (greedy)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per request in the server")
     parser.add_argument("--parallel", type=int, default=4, help="model calls the server runs at once")
+    parser.add_argument("--long-repeats", type=int, default=100, help="copies of the text in the long inject")
     args = parser.parse_args()
 
     base = in_process_baseline(args)
     with tempfile.TemporaryDirectory() as data_dir:
         process, url = start_server(args, data_dir)
         try:
-            model = httpx.get(url + "/health").json()["model"]
+            model = served_model(url)
             client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": []})
             runs = {
                 "1 client": load(url, 1, args.rounds, args.max_tokens, shared=False),
                 f"{args.clients} clients, own sessions": load(url, args.clients, args.rounds, args.max_tokens, False),
                 f"{args.clients} clients, one session": load(url, args.clients, args.rounds, args.max_tokens, True),
             }
+            long, long_seconds, chat_seconds = chat_during_long_inject(url, args.long_repeats, args.max_tokens)
         finally:
             process.terminate()
             process.wait(60)
@@ -150,6 +183,9 @@ def main() -> None:
         )
         ratio = pct(timings["chat"], 0.5) / base["chat"]
         print(f"{name:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x")
+    idle = pct(runs["1 client"][0]["chat"], 0.5)
+    print(f"long inject ({long.get('tokens')} tokens, {long.get('chunks')} chunks) took {long_seconds:.2f} s; another "
+          f"session's chat sent during it took {chat_seconds:.2f} s ({chat_seconds / idle:.1f}x an idle chat's p50)")
 
 
 if __name__ == "__main__":

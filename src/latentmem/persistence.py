@@ -146,6 +146,16 @@ def read_manifest(path: str | Path) -> dict:
         raise MemoryFileError(f"{path} is not a readable latentmem memory file ({err})") from err
 
 
+def names_long_term_store(path: str | Path) -> bool:
+    """Whether a file's manifest has an `ltm` entry at all, valid or not (nothing else is checked)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            manifest = json.loads((f.metadata() or {})["manifest"])
+    except Exception:  # not a readable file: it names nothing
+        return False
+    return isinstance(manifest, dict) and "ltm" in manifest
+
+
 def _check_manifest(path: str | Path, metadata: dict | None) -> dict:
     try:
         manifest = json.loads((metadata or {})["manifest"])

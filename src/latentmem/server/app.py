@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException
 
 from ..chat import default_stops, generate_reply, memory_ids, memory_sources, prompt_ids
 from ..models import model_name as default_model_name
-from ..persistence import MemoryFileError
+from ..persistence import MemoryFileError, names_long_term_store
 from ..state import MemoryState
 from ..writing import split_into_chunks
 from .auth import NAME_PATTERN, KeyTable
@@ -119,7 +119,8 @@ def create_app(
         problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
         message = "invalid request: " + "; ".join(problems)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            message += " (the body is read as JSON only with Content-Type: application/json; curl: -H 'Content-Type: application/json')"
+            message += (" (the body is read as JSON only when sent with Content-Type: application/json; "
+                        "with curl: -H 'Content-Type: application/json')")  # fmt: skip
         return error_response(400, message, "invalid_request")
 
     @app.exception_handler(UnknownSession)
@@ -330,15 +331,17 @@ def create_app(
         The upload is read from a private temporary folder, so a long-term store it names by
         generation id resolves there, where none exists: an upload can never bring in a folder.
         """
-        upload = Path(tempfile.mkdtemp(dir=tmp_dir))
+        upload = Path(tempfile.mkdtemp(dir=tmp_dir)) / "upload.safetensors"
         try:
-            (upload / "upload.safetensors").write_bytes(payload)
-            state = MemoryState.load(upload / "upload.safetensors", model)
+            upload.write_bytes(payload)
+            state = MemoryState.load(upload, model)
         except MemoryFileError as err:
-            message = f"not a memory file for this model: {str(err).replace(str(upload / 'upload.safetensors'), 'the upload')}"
+            message = f"not a memory file for this model: {str(err).replace(str(upload), 'the upload')}"
+            if names_long_term_store(upload):  # one answer, whatever it names: it tells nothing about the disk
+                message = "an uploaded state cannot name a long-term memory store: import takes short-term memory only"
             raise ApiError(400, message, "bad_memory_file") from err
         finally:
-            shutil.rmtree(upload, ignore_errors=True)
+            shutil.rmtree(upload.parent, ignore_errors=True)
         check_session_quota(user, session)
         registry.replace(user, session, state)
         return stats(session, state)
