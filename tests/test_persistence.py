@@ -529,6 +529,26 @@ def test_a_short_term_model_refuses_a_state_naming_long_term_memory(saved, tiny,
         MemoryState.load(path)
 
 
+def test_long_term_memory_is_named_by_generation_id_and_found_only_next_to_the_file(tmp_path):
+    from test_mplus import make_mplus
+
+    model = make_mplus()
+    state = model.new_memory()
+    model.inject(state, random_ids(40, seed=1))
+    path = tmp_path / "m.safetensors"
+    state.save(path)
+    generation = read_manifest(path)["ltm"]
+    assert len(generation) == 12 and (tmp_path / f"m.safetensors.ltm-{generation}").is_dir()
+    assert MemoryState.load(path, model).ltm is not None
+
+    data = path.read_bytes()  # a file saved before ids were bare names its folder in full: still read
+    legacy = forge(data, tmp_path / "m.safetensors", ltm=f"m.safetensors.ltm-{generation}")
+    assert MemoryState.load(legacy, model).ltm is not None
+    renamed = forge(data, tmp_path / "other.safetensors", ltm=f"m.safetensors.ltm-{generation}")
+    with pytest.raises(MemoryFileError, match="generation id"):  # not another file's folder
+        MemoryState.load(renamed, model)
+
+
 # --- file permissions --------------------------------------------------------------------------
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_saved_file_gets_umask_mode_and_keeps_existing_mode(tmp_path):

@@ -222,8 +222,14 @@ def test_a_damaged_index_is_rebuilt_from_the_state_files(tmp_path, tiny):
 
     registry = StateRegistry(tiny[0], srv.data_dir)  # used to raise "file is not a database"
     assert [s["session"] for s in registry.sessions("alice")] == ["work"]
+    assert len(list(srv.data_dir.glob("index.sqlite3.unreadable-*"))) == 1
+
+    for part in srv.data_dir.glob("index.sqlite3*"):  # damaged again, while serving
+        if "unreadable" not in part.name:
+            with open(part, "r+b") as f:
+                f.write(b"garbage!" * 4000)
+    assert registry.exists("alice", "work") and [s["session"] for s in registry.sessions("alice")] == ["work"]
     registry.close()
-    assert list(srv.data_dir.glob("index.sqlite3.unreadable-*"))
 
 
 # --- 4. JSON errors for every failure, and the connection stays usable ---------------------------
