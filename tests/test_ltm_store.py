@@ -411,3 +411,75 @@ def test_bad_layers_indices_and_values_are_refused():
     with pytest.raises(ValueError, match="overflow torch.float16"):
         store.add(0, torch.full((1, D), 1e6), rows(1, H, 0), ids(0))
     assert store.size(0) == 2
+
+
+# --- the release's bookkeeping (release.py) -----------------------------------------------------
+def test_pending_slots_are_searched_and_read_after_the_merged_ones_until_a_merge():
+    store = filled(n_writes=1, k=4, layers=1)
+    store.add_pending(0, rows(3, D, 7), rows(3, H, 8), ids(5, 5, 5), ages=torch.tensor([2, 1, 0]), frequency=10.0)
+    assert (store.size(0), store.pending_size(0)) == (4, 3)
+    queries = rows(2, H, 9)
+    everything = torch.cat([rows(4, H, 50), rows(3, H, 8)])
+    top, _ = store.search(0, queries, 5)
+    assert top.tolist() == brute_force_top(everything, queries, 5).tolist()
+    got = store.get(0, [5, 0])
+    assert torch.equal(got["slots"], torch.stack([rows(3, D, 7)[1], rows(4, D, 0)[0]]).half())
+    assert got["ages"].tolist() == [1, 0] and store.sources(0).tolist() == [0] * 4 + [5] * 3
+    store.merge_pending(decay=1.0, keep_more_than=0)
+    assert (store.size(0), store.pending_size(0)) == (7, 0)
+    assert store.layer_stats(0)["frequencies"].tolist() == [9.0] * 7
+
+
+def test_release_reads_tile_a_small_layer_and_order_oldest_first_as_numpy_argsort_does():
+    store = LongTermStore(1, D, H)
+    store.add(0, rows(5, D, 0), rows(5, H, 1), ids(0, 0, 0, 0, 0))
+    store.set_layer_stats(0, ages=torch.tensor([3.0, 9.0, 3.0, 0.0, 9.0]))  # float ages, as the release saves them
+    store.release_reads = True
+    assert store.retrievable(0, 8) == 8
+    top, _ = store.search(0, rows(2, H, 2), 8)
+    tiled = np.array([2, 3, 4, 0, 1, 2, 3, 4])
+    ages = np.array([3, 9, 3, 0, 9])[tiled]
+    assert top.tolist() == tiled[np.argsort(ages.astype(np.float64))[::-1]].tolist()
+
+
+def test_merge_that_would_leave_too_few_slots_deletes_nothing_and_undoes_the_decay():
+    store = LongTermStore(1, D, H)
+    store.add(0, rows(4, D, 0), rows(4, H, 1), ids(0, 0, 0, 0), frequency=1.0)
+    store.add_pending(0, rows(2, D, 2), rows(2, H, 3), ids(1, 1), frequency=10.0)
+    assert store.merge_pending(decay=1.0, keep_more_than=2) == 0  # 2 survivors are not more than 2
+    assert store.layer_stats(0)["frequencies"].tolist() == [1.0] * 4 + [10.0] * 2
+    store.add_pending(0, rows(1, D, 4), rows(1, H, 5), ids(2), frequency=10.0)
+    assert store.merge_pending(decay=1.0, keep_more_than=2) == 4
+    assert store.layer_stats(0)["frequencies"].tolist() == [9.0] * 3
+
+
+def test_a_copy_shares_memory_mapped_slots_and_changes_independently(tmp_path):
+    store = filled(n_writes=2, k=3, layers=1)
+    store.save(tmp_path / "s")
+    twin = store.copy()
+    assert twin._layers[0].slots.base is store._layers[0].slots.base  # no copy of the big table
+    twin.decay(20.0)
+    twin.add(0, rows(1, D, 9), rows(1, H, 9), ids(9))
+    assert (store.size(0), twin.size(0)) == (6, 1)
+    assert store.get(0, [5])["frequencies"].tolist() == [10.0]
+
+
+def test_pending_slots_and_release_state_survive_save_and_open(tmp_path):
+    store = filled(n_writes=1, k=2, layers=2)
+    store.add_pending(1, rows(2, D, 3), rows(2, H, 4), ids(7, 7), ages=torch.tensor([1, 0]))
+    store.release_reads, store.stm_ages = True, np.arange(6).reshape(2, 3)
+    store.save(tmp_path / "s")
+    opened = LongTermStore.open(tmp_path / "s")
+    assert opened.release_reads and np.array_equal(opened.stm_ages, store.stm_ages)
+    assert opened.pending_size(1) == 2 and opened.get(1, [2, 3])["ages"].tolist() == [1, 0]
+    assert torch.equal(opened.get(1, [3])["slots"], store.get(1, [3])["slots"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_ages_are_rounded_and_impossible_ones_refused(dtype):
+    store = filled(n_writes=1, k=3, layers=1)
+    store.set_layer_stats(0, ages=torch.tensor([0.0, 8.0, 256.0], dtype=dtype))
+    assert store.get(0, [0, 1, 2])["ages"].tolist() == [0, 8, 256]
+    for bad, message in ((-1.0, ">= 0"), (0.5, "whole numbers"), (float("nan"), "non-finite")):
+        with pytest.raises(ValueError, match=message):
+            store.set_layer_stats(0, ages=torch.tensor([bad, 0.0, 0.0], dtype=dtype))

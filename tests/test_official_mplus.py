@@ -64,18 +64,20 @@ class MPlus(LlamaForCausalLM):
 
 
 def build_release_folder(
-    folder, dtype=torch.float32, ltm_size=40, seed=0, max_shard_size="150KB", ages=None, frequencies=None, **fields
-):
+    folder, dtype=torch.float32, ltm_size=40, seed=0, max_shard_size="150KB", ages=None, frequencies=None,
+    backbone=None, **fields,
+):  # fmt: skip
     """Save an official M+ folder as the release would; return the model (cast to `dtype`)."""
     torch.manual_seed(seed)
-    model = MPlus(LlamaConfig(**SMALL, **{**MPLUS_FIELDS, **fields}, ltm_initial_size=ltm_size)).eval()
+    llama = LlamaConfig(**{**SMALL, **(backbone or {})}, **{**MPLUS_FIELDS, **fields}, ltm_initial_size=ltm_size)
+    model = MPlus(llama).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or name in ("bos_embedding", "new_memory_positional_emb"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for i, layer in enumerate(model.model.layers):
-            model.ltm[i].copy_(torch.randn(ltm_size, SMALL["hidden_size"], generator=g))
+            model.ltm[i].copy_(torch.randn(ltm_size, llama.hidden_size, generator=g))
             model.ltm_keys[i].copy_(layer.self_attn.key_proj(layer.input_layernorm(model.ltm[i])))
             # ages in whole tokens with ties (writes of K slots age together), frequencies 1..10
             model.ltm_ages[i].copy_(ages if ages is not None else torch.randint(0, 6, (ltm_size,), generator=g) * K * 7 + 3)

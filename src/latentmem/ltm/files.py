@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .layer import LayerMemory
-from .table import Column, RowTable
+from .table import Column, RowTable, read_randomly
 
 if TYPE_CHECKING:
     from .store import LongTermStore
@@ -91,7 +91,7 @@ def save_store(store: LongTermStore, path: Path) -> None:
     # Continue from the saved files: the big tables are now read from disk, not held in RAM.
     for i, memory in enumerate(store._layers + store._pending):
         folder = path / f"layer_{i % store.num_layers:03d}" / ("pending" if i >= store.num_layers else "")
-        memory.slots.rebase(np.load(folder / "slots.npy", mmap_mode="r"))
+        memory.slots.rebase(read_randomly(np.load(folder / "slots.npy", mmap_mode="r")))
         memory.keys.rebase(np.load(folder / "keys.npy", mmap_mode="r"))
         memory.rows = Column(np.int64, np.arange(memory.size, dtype=np.int64))
         if memory.index is not None and memory.index.file is not None:
@@ -278,7 +278,7 @@ def _open_layer(memory: LayerMemory, entry: dict, folder: Path, mmap: bool) -> N
         if array.shape != shape or array.dtype != dtype:
             raise LTMFileError(f"{file} is {list(array.shape)} {array.dtype}, the manifest says {list(shape)} {dtype}")
         arrays[name] = array
-    memory.slots = RowTable(memory.slots.width, memory.slots.dtype, arrays["slots"])
+    memory.slots = RowTable(memory.slots.width, memory.slots.dtype, read_randomly(arrays["slots"]))
     memory.keys = RowTable(memory.keys.width, memory.keys.dtype, arrays["keys"])
     memory.rows = Column(np.int64, np.arange(n, dtype=np.int64))
     memory.records = {name: Column(dtype, arrays[name]) for name, dtype in LayerMemory.RECORDS.items()}

@@ -15,6 +15,7 @@ slots per layer, ~40 GB in bfloat16). Loading them like weights would need all o
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from .layer import LayerMemory
 from .release import integral_ages
-from .table import Column, RowTable
+from .table import Column, RowTable, read_randomly
 
 # safetensors dtype names <-> torch dtypes
 DTYPES = {
@@ -34,7 +35,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }  # fmt: skip
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-CHUNK_BYTES = 16 << 20  # bytes read or written per step
+CHUNK_BYTES = 8 << 20  # bytes read or written per step
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def stream_into_store(store, entries: dict[str, Entry], folder: Path) -> None:
         layer_folder.mkdir(parents=True, exist_ok=True)
         memory: LayerMemory = store._layers[i]
         to_slots = lambda rows: store._to_numpy(rows.to(store.dtype))  # noqa: E731
-        memory.slots = RowTable(store.hidden_size, memory.slots.dtype, _stream_npy(slots, layer_folder / "slots.npy", memory.slots.dtype, to_slots))
+        slot_file = _stream_npy(slots, layer_folder / "slots.npy", memory.slots.dtype, to_slots)
+        memory.slots = RowTable(store.hidden_size, memory.slots.dtype, read_randomly(slot_file))
         memory.keys = RowTable(store.key_dim, np.float32, _stream_npy(keys, layer_folder / "keys.npy", np.float32, _finite_keys(i)))
         frequency_values = read_rows(frequencies).double()
         if not torch.isfinite(frequency_values).all():
@@ -150,7 +152,13 @@ def _stream_npy(entry: Entry, dst: Path, dtype, convert: Callable[[torch.Tensor]
     with open(dst, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         for rows in chunks_of(entry):
-            f.write(np.ascontiguousarray(convert(rows), dtype=dtype).tobytes())
+            f.write(np.ascontiguousarray(convert(rows), dtype=dtype).reshape(-1).view(np.uint8))
+        f.flush()
+        # Written pages stay cached as large blocks, and a read of one row through the memory map
+        # would then map a whole block: write them out and drop them, so later reads fetch pages.
+        os.fdatasync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return np.load(dst, mmap_mode="r")
 
 
