@@ -184,8 +184,10 @@ def main() -> None:
         ratio = pct(timings["chat"], 0.5) / base["chat"]
         print(f"{name:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x")
     idle = pct(runs["1 client"][0]["chat"], 0.5)
-    print(f"long inject ({long.get('tokens')} tokens, {long.get('chunks')} chunks) took {long_seconds:.2f} s; another "
-          f"session's chat sent during it took {chat_seconds:.2f} s ({chat_seconds / idle:.1f}x an idle chat's p50)")
+    print(
+        f"long inject ({long.get('tokens')} tokens, {long.get('chunks')} chunks) took {long_seconds:.2f} s; another "
+        f"session's chat sent during it took {chat_seconds:.2f} s ({chat_seconds / idle:.1f}x an idle chat's p50)"
+    )
 
 
 if __name__ == "__main__":

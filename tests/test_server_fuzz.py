@@ -235,8 +235,12 @@ def test_importing_damaged_and_forged_files_is_a_200_or_a_400_that_changes_nothi
         check_response(disk, r, alice_before, others_before, f"import ({kind})")
         assert r.status_code in (200, 400), r.text
         if r.status_code == 200:  # an accepted state must then serve every call
-            for follow in (client.get(f"/v1/memory?session={session}"), client.post(
-                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "session": session})):
+            for follow in (
+                client.get(f"/v1/memory?session={session}"),
+                client.post(
+                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "session": session}
+                ),
+            ):
                 assert follow.status_code == 200, follow.text
 
     upload()
