@@ -38,6 +38,7 @@ from latentmem.data.filler import FillerStream, filler_paragraphs
 from latentmem.data.synthetic import FactGenerator
 from latentmem.modeling import MemoryLLM
 from latentmem.models import load_model
+from latentmem.positions import MEMORY_POSITIONS
 from latentmem.training.retriever import answer_first_retrieval, load_retrievers, mplus_from
 from latentmem.training.tasks import qa_ids
 
@@ -79,18 +80,26 @@ def main() -> None:
     parser.add_argument("--ltm-blocks", type=int, default=2, help="blocks of K slots retrieved from long-term memory")
     parser.add_argument("--key-dim", type=int, default=32, help="retriever key size (must match --retriever)")
     parser.add_argument("--retrieved-position", default="first", choices=MPlusConfig.RETRIEVED_POSITIONS)
+    parser.add_argument("--memory-positions", choices=MEMORY_POSITIONS,
+                        help="read with this memory layout instead of the model's own (see latentmem.positions)")
+    parser.add_argument("--retrieval-unit", default="slot", choices=("slot", "write"))
     parser.add_argument("--pin-document", action="store_true", help="keep the document's slots in the short-term pool")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"which reads to score, of {','.join(WAYS)}")
     parser.add_argument("--seed", type=int, default=30000)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
+    ways = [way for way in WAYS if way in args.ways.split(",")]
 
     base, tokenizer = load_model(args.model)
+    if args.memory_positions:
+        base.config.memory_positions = args.memory_positions
     # Same short-term pool as the MemoryLLM (its num_blocks), plus the retrieved blocks on top.
     model = mplus_from(base, num_blocks=base.config.num_blocks + args.ltm_blocks, num_ltm_blocks=args.ltm_blocks,
                        selector_hidden_dim=args.key_dim, retrieved_slots_position=args.retrieved_position,
-                       protect_pinned_fraction=0.25 if args.pin_document else 0.0)  # fmt: skip
+                       protect_pinned_fraction=0.25 if args.pin_document else 0.0,
+                       retrieval_unit=args.retrieval_unit)  # fmt: skip
     del base
     if args.retriever:
         load_retrievers(model, retriever_weights(args.retriever))
@@ -100,7 +109,7 @@ def main() -> None:
     facts = FactGenerator(args.seed, "heldout", (1, 2))
     filler = FillerStream(filler_paragraphs(source="stdlib"), args.seed + 1)
     generator = torch.Generator().manual_seed(0)
-    hits = {n: dict.fromkeys(WAYS, 0) for n in checkpoints}
+    hits = {n: dict.fromkeys(ways, 0) for n in checkpoints}
     asked = dict.fromkeys(checkpoints, 0)
     start = time.perf_counter()
     for i in range(args.documents):
@@ -116,13 +125,13 @@ def main() -> None:
             written = n
             for qa in document.qa:
                 prompt, answer = qa_ids(tokenizer, qa)
-                for way in WAYS:
+                for way in ways:
                     hits[n][way] += answers_exactly(model, memory, prompt, answer, way, fact.injection_id, generator)
                 asked[n] += 1
         print(f"document {i + 1}/{args.documents}, {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"\n| distractors | questions | {' | '.join(WAYS)} |\n|---|---|{'---|' * len(WAYS)}")
+    print(f"\n| distractors | questions | {' | '.join(ways)} |\n|---|---|{'---|' * len(ways)}")
     for n in checkpoints:
-        print(f"| {n} | {asked[n]} | " + " | ".join(f"{hits[n][way] / asked[n]:.2f}" for way in WAYS) + " |")
+        print(f"| {n} | {asked[n]} | " + " | ".join(f"{hits[n][way] / asked[n]:.2f}" for way in ways) + " |")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,11 @@ def rope(x, positions, config):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def layer_forward(layer, z, prefix_len: int, config, adapter: str | None):
-    """One decoder layer on z [1, T, d] whose first `prefix_len` positions are keys/values only."""
+def layer_forward(layer, z, prefix_len: int, config, adapter: str | None, rope_positions=None):
+    """One decoder layer on z [1, T, d] whose first `prefix_len` positions are keys/values only.
+
+    `rope_positions [T]`: the RoPE position of each entry (default 0..T-1); masking always follows
+    the order in z."""
     attn, T = layer.self_attn, z.shape[1]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     hd = config.hidden_size // heads
@@ -55,7 +58,8 @@ def layer_forward(layer, z, prefix_len: int, config, adapter: str | None):
     k = linear(attn.k_proj, x, adapter).view(1, T, kv_heads, hd).transpose(1, 2)
     v = linear(attn.v_proj, x, adapter).view(1, T, kv_heads, hd).transpose(1, 2)
     positions = torch.arange(T)
-    q, k = rope(q, positions[prefix_len:], config), rope(k, positions, config)
+    rotated = positions if rope_positions is None else rope_positions
+    q, k = rope(q, rotated[prefix_len:], config), rope(k, rotated, config)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
@@ -97,11 +101,16 @@ def reference_new_slots(model, stm, input_ids, adapter="default"):
     return torch.stack(new)
 
 
-def reference_logits(model, stm, input_ids, adapter="decoder_adapter"):
-    """Logits [1, n, V] of a prompt reading the whole pool `stm` (None: no memory)."""
+def reference_logits(model, stm, input_ids, adapter="decoder_adapter", slot_positions=None, prompt_start=None):
+    """Logits [1, n, V] of a prompt reading the whole pool `stm` (None: no memory).
+
+    `slot_positions [L, N]` and `prompt_start` give explicit RoPE positions to the slots and the
+    prompt's first token (bos stays at 0); by default everything is numbered in order."""
     cfg = model.backbone.config
     h = F.embedding(input_ids.view(1, -1), model.backbone.model.embed_tokens.weight)
+    n = h.shape[1]
     for i, layer in enumerate(_layers(model)):
+        positions = None
         if stm is None:
             z, prefix_len = h, 0
         else:
@@ -110,7 +119,10 @@ def reference_logits(model, stm, input_ids, adapter="decoder_adapter"):
                 parts.insert(0, model.bos_embedding[i : i + 1])
             z = torch.cat(parts, dim=1)
             prefix_len = z.shape[1] - h.shape[1]
-        h = layer_forward(layer, z, prefix_len, cfg, adapter)
+            if slot_positions is not None:
+                head = [torch.zeros(1, dtype=torch.long)] if model.bos_embedding is not None else []
+                positions = torch.cat([*head, slot_positions[i], prompt_start + torch.arange(n)])
+        h = layer_forward(layer, z, prefix_len, cfg, adapter, positions)
     h = rms_norm(model.backbone.model.norm, h)
     return F.linear(h, model.backbone.lm_head.weight)
 

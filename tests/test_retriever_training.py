@@ -64,8 +64,9 @@ def test_answer_first_retrieval_puts_the_answers_long_term_slots_in_front_of_the
     for layer in range(memory.num_layers):
         rows = memory.ltm.get(layer, torch.arange(memory.ltm.size(layer)))
         answering = rows["slots"][rows["sources"] == question.injection_id]
-        chosen = choose(mplus, memory, layer, None, count)
-        assert len(chosen) == count
+        chosen, sources = choose(mplus, memory, layer, None, count)
+        assert len(chosen) == len(sources) == count
+        assert int((sources == question.injection_id).sum()) == min(count, len(answering))
         found = sum(bool((chosen == slot).all(dim=1).any()) for slot in answering[:count])
         assert found == min(count, len(answering))
 

@@ -78,13 +78,13 @@ def test_one_context_trains_the_write_path_several_contexts_do_not():
         assert all((g is not None and g.abs().sum() > 0) == write_grad for g in write_lora)
 
 
-def assert_batching_changes_nothing(model, episodes, make_states) -> None:
+def assert_batching_changes_nothing(model, episodes, make_states, distill: float = 0.0) -> None:
     """The objective's batched step equals `run_episode` one at a time: losses, gradients, pools, ids.
 
     In the batched run no episode may go through `run_episode` (the batch must not fall back).
     """
     params = trainable_parameters(model, train_all=False)
-    objective = MemoryObjective(model)
+    objective = MemoryObjective(model, distill=distill)
 
     def run(batched: bool):
         model.zero_grad(set_to_none=True)
@@ -112,10 +112,10 @@ def assert_batching_changes_nothing(model, episodes, make_states) -> None:
         assert a.injections.keys() == b.injections.keys() and a.write_count == b.write_count
 
 
-@pytest.mark.parametrize("token_shift", [False, True])
-def test_writes_into_empty_memories_batch_with_the_same_losses_gradients_and_pools(token_shift):
+@pytest.mark.parametrize("token_shift,positions", [(False, "pool"), (True, "pool"), (True, "per_write")])
+def test_writes_into_empty_memories_batch_with_the_same_losses_gradients_and_pools(token_shift, positions):
     """Contexts shorter and longer than K, targets of different lengths: one batch equals one at a time."""
-    model = make_model(num_tokens=K, token_shift=token_shift).train()
+    model = make_model(num_tokens=K, token_shift=token_shift, memory_positions=positions).train()
     if token_shift:
         torch.nn.init.normal_(model.token_shift.weight, std=0.1)  # zero at init: would hide a shift bug
     episodes = []
@@ -129,9 +129,11 @@ def test_writes_into_empty_memories_batch_with_the_same_losses_gradients_and_poo
     )
 
 
-def test_reads_of_full_pools_batch_with_the_same_losses_gradients_and_pools():
-    """Several contexts, a retention step, a one-context write into older memory: batched where they can be."""
-    model = make_model(num_tokens=K, token_shift=True).train()
+@pytest.mark.parametrize("positions", ["pool", "per_write"])
+def test_reads_of_full_pools_batch_with_the_same_losses_gradients_and_pools(positions):
+    """Several contexts, a retention step, a one-context write into older memory: batched where they can be
+    (in every memory layout: the batched read places slots as the model's own read does)."""
+    model = make_model(num_tokens=K, token_shift=True, memory_positions=positions).train()
     torch.nn.init.normal_(model.token_shift.weight, std=0.1)
     mixed = [episode(10, contexts=3), episode(20, contexts=2, answer_context=None), episode(30, contexts=1)]
 
@@ -143,6 +145,45 @@ def test_reads_of_full_pools_batch_with_the_same_losses_gradients_and_pools():
 
     # The third episode's write keeps its gradient into a memory that is not empty: it batches too.
     assert_batching_changes_nothing(model, mixed, older_memories)
+
+
+def with_teacher(e: Episode, seed: int) -> Episode:
+    """A teacher prompt of random text ending in the target's labelled tokens."""
+    scored = e.labels[e.labels != IGNORE]
+    e.teacher = torch.cat([random_ids(9, seed)[0], scored])
+    return e
+
+
+def test_distilled_reads_batch_with_the_same_losses_and_gradients():
+    model = make_model(num_tokens=K, memory_positions="per_write").train()
+    mixed = [with_teacher(episode(10, contexts=3), 1), episode(20, contexts=2), with_teacher(episode(30), 3)]
+
+    def older_memories():
+        states = [training_state(model, num_blocks=4, seed=i) for i in range(len(mixed))]
+        for i, state in enumerate(states):
+            model.inject(state, input_ids=random_ids(16, 900 + i), allow_short=True)
+        return states
+
+    assert_batching_changes_nothing(model, mixed, older_memories, distill=0.5)
+
+
+def test_distillation_is_the_top_k_kl_to_the_base_reading_the_teacher_prompt():
+    model = make_model(num_tokens=K).train()
+    e = with_teacher(episode(40, contexts=2), 5)
+    state = training_state(model, num_blocks=4)
+    objective = MemoryObjective(model, distill=1.0, top_k=5)
+    loss, results = objective([e], [state])
+    # by hand: the base without memory on the teacher prompt, the model reading the written pool
+    with torch.no_grad():
+        base = model(e.teacher[None], memory=None).logits[0].log_softmax(-1)
+        scored = int((e.labels != IGNORE).sum())
+        top = base[-scored - 1 : -1].topk(5, dim=-1)
+        teacher = top.values - top.values.logsumexp(-1, keepdim=True)
+        student = model(e.target[None], memory=state).logits[0].log_softmax(-1)
+        at = (e.labels[1:] != IGNORE).nonzero().flatten()
+        kl = (teacher.exp() * (teacher - student[at].gather(-1, top.indices))).sum()
+    torch.testing.assert_close(results[0].loss_sum.detach(), kl, atol=1e-4, rtol=1e-4)
+    assert float(kl) > 0
 
 
 def test_in_context_episodes_are_plain_lm_batched_without_memory():
@@ -503,8 +544,11 @@ def test_a_saved_memory_adapter_loads_into_a_fresh_model_and_checks_its_shape(tm
     fresh, _ = untrained_model(num_tokens=8, num_blocks=4)
     load_memory_adapter(fresh, tmp_path)
     assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.named_parameters())
-    with pytest.raises(ValueError, match="blocks"):
-        load_memory_adapter(untrained_model(num_tokens=8, num_blocks=2)[0], tmp_path)
+    bigger_pool, _ = untrained_model(num_tokens=8, num_blocks=16)  # no weight depends on the pool size
+    load_memory_adapter(bigger_pool, tmp_path)
+    assert torch.equal(bigger_pool.bos_embedding, trained.bos_embedding)
+    with pytest.raises(ValueError, match="slots per write"):
+        load_memory_adapter(untrained_model(num_tokens=4, num_blocks=8)[0], tmp_path)
     with pytest.raises(FileNotFoundError, match="memory_adapter"):
         load_memory_adapter(fresh, tmp_path / "missing")
 

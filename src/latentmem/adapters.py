@@ -67,7 +67,8 @@ class AdapterSwitch:
             return
         if name is None:
             for layer in self.layers:
-                layer.enable_adapters(False)
+                layer.enable_adapters(False)  # PEFT also freezes every adapter here:
+            self._set_trainable(self.trainable)  # a base read mid-step (distillation) must keep their gradients
         else:
             if self.active is None:
                 for layer in self.layers:

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .positions import check_scheme
+
 # The projections the released 8B models put LoRA adapters on.
 DEFAULT_LORA = {
     "r": 8,
@@ -34,6 +36,11 @@ class MemoryLLMConfig(PretrainedConfig):
             embedding, in writes and reads alike (off in the released models). Small models trained
             from scratch learn in-context and memory recall far faster with it (measured on the
             tiny preset: in-context exact-hit 0.44 instead of 0.07 after the same 1,500 steps).
+        memory_positions: RoPE positions of memory slots relative to the prompt (`positions.py`):
+            "pool" (the release: slot i at i, the prompt after the last slot, so an old write's
+            distance grows with every later write), "per_write" (every write keeps the positions
+            it had as the newest write; distances never grow) or "fixed" (every slot one step
+            before the prompt). Official checkpoints always use "pool".
     """
 
     model_type = "latentmem_memoryllm"
@@ -51,9 +58,11 @@ class MemoryLLMConfig(PretrainedConfig):
         chunk_size: int = 512,
         min_context_tokens: int = 16,
         token_shift: bool = False,
+        memory_positions: str = "pool",
         **kwargs: Any,
     ):
         self.token_shift = token_shift
+        self.memory_positions = check_scheme(memory_positions)
         if isinstance(backbone_config, dict):
             backbone_config = AutoConfig.for_model(**backbone_config)
         elif backbone_config is not None:
@@ -118,6 +127,11 @@ class MPlusConfig(MemoryLLMConfig):
             newest K STM slots ; prompt]. "last": [bos ; STM ; retrieved ; prompt]. A model that
             reads well only what sits close to the prompt (measured: the `tiny` preset) can use
             what it retrieves only in the latter two.
+        retrieval_unit: "slot" (the release: the top `num_ltm_blocks * K` single slots) or "write":
+            whole writes (blocks of slots one injection wrote) ranked by their best slot's score and
+            read whole, in write order (hierarchical retrieval).
+        write_candidates: with `retrieval_unit="write"`, the index proposes this many times the
+            retrieved slot count as candidates before they are grouped into writes.
     """
 
     RETRIEVED_POSITIONS = ("first", "before_newest_write", "last")
@@ -137,6 +151,8 @@ class MPlusConfig(MemoryLLMConfig):
         promote_on_retrieval: float | None = None,
         protect_pinned_fraction: float = 0.0,
         retrieved_slots_position: str = "first",
+        retrieval_unit: str = "slot",
+        write_candidates: int = 4,
         release_compatible: bool = False,
         **kwargs: Any,
     ):
@@ -145,6 +161,16 @@ class MPlusConfig(MemoryLLMConfig):
         if release_compatible and promote_on_retrieval:
             raise ValueError("release_compatible reads never promote: leave promote_on_retrieval at 0")
         self.release_compatible = release_compatible
+        if retrieval_unit not in ("slot", "write"):
+            raise ValueError(f"retrieval_unit must be 'slot' or 'write', got {retrieval_unit!r}")
+        if write_candidates < 1:
+            raise ValueError(f"write_candidates must be >= 1, got {write_candidates}")
+        if release_compatible and retrieval_unit == "write":
+            raise ValueError("release_compatible retrieves single slots, as the release does: retrieval_unit='slot'")
+        if release_compatible and kwargs.get("memory_positions", "pool") != "pool":
+            raise ValueError("release_compatible reads memory in the release's pool order: memory_positions='pool'")
+        self.retrieval_unit = retrieval_unit
+        self.write_candidates = write_candidates
         self.num_ltm_blocks = num_ltm_blocks
         self.selector_hidden_dim = selector_hidden_dim
         self.num_selector_layers = num_selector_layers

@@ -235,7 +235,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             return compute_memory_prefix(self, memory)
         self.check_state(memory)
         if self.training and torch.is_grad_enabled():
-            return compute_memory_prefix(self, memory.stm if memory.initialized else None)
+            return compute_memory_prefix(self, memory.stm if memory.initialized else None, sources=memory.sources)
         return self.prefix_cache.get(self, memory)
 
     def forward(
@@ -281,20 +281,31 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if cache.get_seq_length() == 0:
             prefix.seed(cache, batch_size)
         return self.read_after_prefix(
-            prefix.length, cache, input_ids, attention_mask, position_ids, use_cache, **common
-        )
+            prefix.length, cache, input_ids, attention_mask, position_ids, use_cache,
+            prompt_start=prefix.prompt_start, **common,
+        )  # fmt: skip
 
     def read_after_prefix(
-        self, prefix_length: int, cache, input_ids, attention_mask, position_ids, use_cache, **common
+        self, prefix_length: int, cache, input_ids, attention_mask, position_ids, use_cache,
+        prompt_start: int | None = None, **common,
     ) -> CausalLMOutputWithPast:
-        """Run the backbone on a prompt whose `cache` already starts with `prefix_length` memory positions."""
-        batch_size = (input_ids if input_ids is not None else common["inputs_embeds"]).shape[0]
+        """Run the backbone on a prompt whose `cache` already starts with `prefix_length` memory positions.
+
+        The prompt's first token sits at RoPE position `prompt_start` (default: right after the prefix).
+        """  # fmt: skip
+        inputs = input_ids if input_ids is not None else common["inputs_embeds"]
+        batch_size, n = inputs.shape[:2]
+        prompt_start = prefix_length if prompt_start is None else prompt_start
+        if prompt_start != prefix_length and position_ids is None:
+            # The backbone would number tokens by their cache index; number them from prompt_start.
+            done = cache.get_seq_length() - prefix_length  # prompt tokens already in the cache
+            position_ids = torch.arange(done, done + n, device=inputs.device).expand(batch_size, -1)
         if prefix_length:
             if attention_mask is not None:
                 ones = attention_mask.new_ones(batch_size, prefix_length)
                 attention_mask = torch.cat([ones, attention_mask], dim=-1)
             if position_ids is not None:
-                position_ids = position_ids + prefix_length
+                position_ids = position_ids + prompt_start
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=True, **common,

@@ -24,6 +24,7 @@ from .ltm.recall import prefill_with_retrieval
 from .ltm.retriever import LayerRetriever
 from .modeling import MemoryLLM
 from .pool import Evicted
+from .positions import prompt_start
 from .state import EXTERNAL, MemoryState
 
 
@@ -117,9 +118,7 @@ class MPlus(MemoryLLM):
     # --- reading --------------------------------------------------------------------------
     def retrieval_count(self, memory: MemoryState) -> int:
         """R: long-term slots each layer retrieves (equal across layers, so one mask fits all)."""
-        ltm = memory.ltm
-        smallest = min(ltm.size(i) for i in range(memory.num_layers))
-        return min(self.config.retrieved_slots, smallest)
+        return min(memory.ltm.retrievable(i, self.config.retrieved_slots) for i in range(memory.num_layers))
 
     def forward(
         self,
@@ -160,7 +159,8 @@ class MPlus(MemoryLLM):
         # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
         prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)
+        start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
         return self.read_after_prefix(
-            prefix_length, cache, input_ids, attention_mask, position_ids, use_cache,
+            prefix_length, cache, input_ids, attention_mask, position_ids, use_cache, prompt_start=start,
             labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip

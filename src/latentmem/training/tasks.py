@@ -12,7 +12,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..data.filler import FillerStream
-from ..data.synthetic import FactGenerator, answer_text, question_prompt
+from ..data.notes import NoteGenerator
+from ..data.synthetic import FactGenerator, answer_text, context_prompt, question_prompt
 from .objective import IGNORE, Episode
 
 
@@ -47,9 +48,13 @@ class FactTask:
         facts_per_document: tuple[int, int] = (1, 3),
         score_question: bool = False,
         copy_fraction: float = 0.0,
+        notes_fraction: float = 0.0,
     ):
         self.tokenizer = tokenizer
         self.facts = FactGenerator(seed, "train", facts_per_document)
+        # everyday notes and chat lines (35 relations, many phrasings) next to the synthetic biographies
+        self.notes = NoteGenerator(seed + 3, "train", facts_per_document)
+        self.notes_fraction = notes_fraction
         self.filler = FillerStream(filler, seed + 1)
         self.rng = random.Random(seed + 2)
         self.filler_words = filler_words
@@ -77,7 +82,7 @@ class FactTask:
         probability `copy_fraction` (default: the task's) the document is followed by itself instead
         (copying in context).
         """
-        document = self.facts.document()
+        document = self.document()
         qa = self.rng.choice(document.qa)
         text = _ids(self.tokenizer, document.text + "\n")
         if self._copy(copy_fraction):  # the document twice: dense practice in copying
@@ -86,8 +91,13 @@ class FactTask:
             target, relation = torch.cat([text, self.qa_target(qa)[0]]), qa.relation
         return Episode([], target, target.clone(), answer_context=None, meta={"relation": relation})
 
+    def document(self):
+        """The next fact document: an everyday note with probability `notes_fraction`, else a biography."""
+        use_notes = self.notes_fraction and self.rng.random() < self.notes_fraction
+        return (self.notes if use_notes else self.facts).document()
+
     def episode(self, max_contexts: int, copy_fraction: float | None = None) -> Episode:
-        document = self.facts.document()
+        document = self.document()
         qa = self.rng.choice(document.qa)
         copy = self._copy(copy_fraction)
         num_contexts = self.rng.randint(1, max_contexts)
@@ -98,13 +108,22 @@ class FactTask:
             target = torch.cat([_ids(self.tokenizer, document.text), torch.tensor([self.tokenizer.eos_token_id])])
             return Episode(contexts, target, target.clone(), answer_context=where, meta={"relation": "copy"})
         target, labels = self.qa_target(qa)
-        return Episode(contexts, target, labels, answer_context=where, meta={"relation": qa.relation})
+        return Episode(contexts, target, labels, answer_context=where, meta={"relation": qa.relation},
+                       teacher=self.teacher_ids(qa, document.text))  # fmt: skip
+
+    def teacher_ids(self, qa, text: str) -> torch.Tensor:
+        """The question asked with `text` in the prompt, then the same answer tokens (for distillation)."""
+        _, answer_ids = qa_ids(self.tokenizer, qa)
+        return torch.cat([_ids(self.tokenizer, context_prompt(qa.question, [text], self.tokenizer)), answer_ids])
 
     def state_dict(self) -> dict:
-        return {"facts": self.facts.state_dict(), "filler": self.filler.state_dict(), "rng": self.rng.getstate()}
+        return {"facts": self.facts.state_dict(), "notes": self.notes.state_dict(), "filler": self.filler.state_dict(),
+                "rng": self.rng.getstate()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.facts.load_state_dict(state["facts"])
+        if "notes" in state:  # checkpoints from before notes existed
+            self.notes.load_state_dict(state["notes"])
         self.filler.load_state_dict(state["filler"])
         self.rng.setstate(state["rng"])
 

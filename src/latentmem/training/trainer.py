@@ -44,6 +44,8 @@ class Stage:
     num_blocks: int  # training pools hold num_blocks * K slots per layer
     max_contexts: int = 1  # episodes write 1..max_contexts contexts before the target
     retention: float = 0.0  # probability that an episode re-asks an earlier target
+    # (min, max) writes between a re-asked target's write and its question: reads of older memory
+    retention_depth: tuple[int, int] = (1, 8)
     in_context: float = 0.0  # probability that an episode is plain LM without memory (from-scratch models)
     reset_memory: float | None = None  # per-step chance a memory starts empty (None: the config's); 1.0 =
     # every episode writes into an empty memory, so the target reads its context's slots alone
@@ -71,6 +73,9 @@ class TrainingConfig:
     max_steps: int | None = None  # stop (with a checkpoint) at this step; the schedule stays as planned
     mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "no" / "bf16"
     progress: bool = True
+    history: int = 64  # earlier targets kept per training memory for retention steps
+    distill: float = 0.0  # weight of top-k distillation from the base reading the text in its prompt
+    distill_top_k: int = 32
 
     @property
     def total_steps(self) -> int:
@@ -136,7 +141,7 @@ class Trainer:
         self.evaluate, self.tokenizer = evaluate, tokenizer
         self.rng = random.Random(config.seed * 1000 + self.accelerator.process_index)
         self.states: list[MemoryState] = []
-        self.history: list[deque] = [deque(maxlen=8) for _ in range(config.batch_size)]
+        self.history: list[deque] = [deque(maxlen=config.history) for _ in range(config.batch_size)]
         self.step, self.elapsed, self.cpu_seconds, self.tokens = 0, 0.0, 0.0, 0
 
     # --- memory states --------------------------------------------------------------------
@@ -169,12 +174,28 @@ class Trainer:
         if stage.in_context and self.rng.random() < stage.in_context:
             return self.task.in_context_episode(**options)
         if self.history[i] and self.rng.random() < stage.retention:
-            injection_id, written, target, labels = self.rng.choice(self.history[i])
-            survived = self.states[i].surviving_slots().get(injection_id, 0) / self.states[i].num_layers
-            if survived >= written / 2:  # enough of it is still in memory to be answerable
-                contexts = [self.task.distractor() for _ in range(self.rng.randint(1, stage.max_contexts))]
-                return Episode(contexts, target, labels, answer_context=None)
+            episode = self.retention_episode(i, stage)
+            if episode is not None:
+                return episode
         return self.task.episode(stage.max_contexts, **options)
+
+    def retention_episode(self, i: int, stage: Stage) -> Episode | None:
+        """Re-ask a target written `stage.retention_depth` writes back (counting this episode's
+        distractors), among those with at least half their slots left; None if there is none."""
+        state, (shallowest, deepest) = self.states[i], stage.retention_depth
+        distractors = self.rng.randint(1, stage.max_contexts)
+        surviving = state.surviving_slots()
+        candidates = [
+            asked
+            for injection_id, written, asked, write_index in self.history[i]
+            if shallowest <= state.write_count + distractors - write_index <= deepest
+            and surviving.get(injection_id, 0) / state.num_layers >= written / 2  # still answerable
+        ]
+        if not candidates:
+            return None
+        asked = self.rng.choice(candidates)
+        return Episode([self.task.distractor() for _ in range(distractors)], asked.target, asked.labels,
+                       answer_context=None, meta=asked.meta, teacher=asked.teacher)  # fmt: skip
 
     # --- the loop -------------------------------------------------------------------------
     def train(self, resume: bool = False) -> Path:
@@ -183,7 +204,7 @@ class Trainer:
         params = trainable_parameters(self.model, cfg.train_all)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        objective = MemoryObjective(self.model)
+        objective = MemoryObjective(self.model, distill=cfg.distill, top_k=cfg.distill_top_k)
         objective, optimizer = acc.prepare(objective, optimizer)
         if resume and (self.out_dir / "checkpoint").exists():
             self.load_checkpoint(self.out_dir / "checkpoint", optimizer, scheduler)
@@ -247,9 +268,9 @@ class Trainer:
             if episode.answer_context is not None:
                 context = episode.contexts[episode.answer_context]
                 written = min(context.numel(), self.model.config.num_tokens)
-                self.history[i].append(
-                    (result.injection_ids[episode.answer_context], written, episode.target, episode.labels)
-                )
+                # the write count right after the answer's write: later writes make it older
+                write_index = self.states[i].write_count - (len(episode.contexts) - 1 - episode.answer_context)
+                self.history[i].append((result.injection_ids[episode.answer_context], written, episode, write_index))
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -308,7 +329,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(process["cuda_rng"])
         self.rng.setstate(process["rng"])
         self.task.load_state_dict(process["task"])
-        self.history = [deque(map(tuple, h), maxlen=8) for h in process["history"]]
+        self.history = [deque(map(tuple, h), maxlen=self.config.history) for h in process["history"]]
         self.states = [MemoryState.load(folder / f"rank{rank}" / f"memory{i}.safetensors").to(self.model.device)
                        for i in range(self.config.batch_size)]  # fmt: skip
 
