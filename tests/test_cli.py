@@ -193,11 +193,24 @@ def test_eval_retention_writes_results_table_and_plot(tmp_path, model_dir):
          "--checkpoints", "0,1", "--max-new-tokens", "4", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "memoryllm" in result.output and "replay" in result.output
+    assert "| memory |" in result.output and "| replay |" in result.output
     for name in ("results.json", "results.csv", "retention.png", "table.md"):
         assert (out / name).stat().st_size > 0
     bad = runner.invoke(app, ["eval", "retention", "--model", str(model_dir), "--checkpoints", "a,b"])
     assert bad.exit_code != 0 and "comma-separated integers" in bad.output
+
+
+def test_eval_stream_asks_every_fact_at_the_end_of_one_stream(tmp_path, model_dir):
+    out = tmp_path / "stream"
+    result = runner.invoke(
+        app,
+        ["eval", "stream", "--model", str(model_dir), "--methods", "memory,replay", "--facts", "3", "--length", "12",
+         "--buckets", "2,20", "--max-new-tokens", "3", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "acc@2" in result.output and "| memory |" in result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["mode"] == "long_stream" and len(saved["records"]) == 2 * 3
 
 
 def flat(text: str) -> str:

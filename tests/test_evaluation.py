@@ -235,7 +235,8 @@ def test_run_retention_writes_json_csv_png_and_table(tiny, tmp_path):
     result = run_retention(model, tokenizer, methods, n_samples=2, checkpoints=(0, 2), out_dir=tmp_path,
                            max_new_tokens=4, progress=False)  # fmt: skip
     assert len(result.records) == 4 * 2 * 2
-    assert set(result.summary()) == {"memoryllm", "replay", "none", "rag"}
+    assert list(result.summary()) == ["memory", "replay", "none", "rag"]  # the names and order asked for
+    assert result.config["warmup"] == 10 and result.config["max_new_tokens"] == 4  # a memory in use by default
     for name in ("results.json", "results.csv", "retention.png", "table.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "retention.png").read_bytes()[:4] == b"\x89PNG"
@@ -243,6 +244,22 @@ def test_run_retention_writes_json_csv_png_and_table(tiny, tmp_path):
     assert saved["summary"]["replay"]["2"]["n"] == 2 and saved["peak_memory"]["replay"]["rss_mb"] > 0
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[0].startswith("| method | acc@0 | acc@10 | acc@50 |") and len(table) == 2 + 4
+
+
+def test_results_are_saved_after_every_method(tiny, tmp_path):
+    model, tokenizer = tiny
+
+    class Failing(LastThree):
+        name = "failing"
+
+        def answer(self, question):
+            raise RuntimeError("stopped midway")
+
+    with pytest.raises(RuntimeError, match="midway"):
+        run_retention(model, tokenizer, ["none", Failing(None)], n_samples=1, checkpoints=(0,), out_dir=tmp_path,
+                      max_new_tokens=2, progress=False)  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["summary"]) == ["none"]  # what finished before the failure is on disk
 
 
 def test_write_results_with_scripted_method(tmp_path):

@@ -270,6 +270,8 @@ def serve(
     ),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest JSON request body."),
     parallel: int = typer.Option(4, min=1, help="Model calls running at once (others wait in line, in order)."),
+    max_inject_tokens: int = typer.Option(32768, min=1, help="Largest inject, in tokens (413 beyond)."),
+    body_timeout: float = typer.Option(60.0, min=0.1, help="Seconds a client may take to send a request body (408 beyond)."),
 ) -> None:
     """Serve an OpenAI-compatible chat API with one memory per user and session."""
     import torch
@@ -288,7 +290,7 @@ def serve(
     name = Path(model_path).name if model_path else None
     app_ = create_app(
         model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
-        max_parallel=parallel,
+        max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout,
     )  # fmt: skip
     typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
                f"memory under {data_dir}", err=True)  # fmt: skip
@@ -404,6 +406,10 @@ def _read_text(path: Path) -> str:
         _fail(f"cannot read {path} as UTF-8 text ({err})")
 
 
+DATASET_HELP = (
+    "synthetic (invented people), notes (everyday notes and chat lines), nolima, or a local SQuAD / "
+    "NaturalQuestions JSON or LongBench JSONL file."
+)
 eval_app = typer.Typer(
     help="Evaluate memory against replay, summaries, RAG and closed book (knowledge retention; docs/evaluation.md).",
     no_args_is_help=True,
@@ -415,13 +421,13 @@ app.add_typer(eval_app, name="eval")
 def eval_retention(
     model_path: str = MODEL,
     methods: str = typer.Option("memory,replay,summary,rag,none", help="Comma-separated: memory, replay, summary, rag, none; memory@MODEL for another model's memory (e.g. memory@runs/tiny-mplus/final)."),
-    dataset: str = typer.Option("synthetic", help="synthetic, nolima, or a local SQuAD / NaturalQuestions JSON or LongBench JSONL file."),
+    dataset: str = typer.Option("synthetic", help=DATASET_HELP),
     samples: int = typer.Option(20, min=1, help="Questions per method."),
     checkpoints: str = typer.Option("0,1,2,5,10,20,50", help="Distractor counts after which the question is asked."),
     position: str = typer.Option("first", help="Where the answer's context goes: first, last, random."),
-    warmup: int = typer.Option(0, min=0, help="Distractors written before the answer's context (a memory in use is never empty)."),
+    warmup: int = typer.Option(10, min=0, help="Distractors written before the answer's context (a memory in use is never empty)."),
     seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(12, min=1),
+    max_new_tokens: int = typer.Option(40, min=1, help="Answer length for every method (long enough to finish)."),
     out: Path = typer.Option(Path("eval-retention"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
 ) -> None:
     """Knowledge retention of memory vs replay, summary, RAG and closed book, with plots."""
@@ -441,6 +447,37 @@ def eval_retention(
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         _fail(str(err))
     typer.echo(markdown_table(result))
+    typer.echo(f"wrote {', '.join(result.config['files'].values())}")
+
+
+@eval_app.command("stream")
+def eval_stream(
+    model_path: str = MODEL,
+    methods: str = typer.Option("memory,replay,rag", help="Comma-separated, as for `eval retention`."),
+    dataset: str = typer.Option("notes", help=DATASET_HELP),
+    facts: int = typer.Option(20, min=1, help="Facts placed at random in the stream; all are asked at the end."),
+    length: int = typer.Option(200, min=1, help="Writes in the stream (facts included)."),
+    buckets: str = typer.Option("10,50,200,1000", help="Report accuracy by writes after the fact, up to each of these."),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(40, min=1, help="Answer length for every method (long enough to finish)."),
+    out: Path = typer.Option(Path("eval-stream"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
+) -> None:
+    """One long stream (weeks of notes): facts at random places among hundreds of writes, asked at the end."""
+    from .evaluation import markdown_table, run_stream
+
+    try:
+        edges = sorted({int(b) for b in buckets.split(",") if b.strip()})
+    except ValueError:
+        _fail(f"--buckets must be comma-separated integers, got {buckets!r}")
+    model, tokenizer = _load(model_path)
+    try:
+        result = run_stream(
+            model, tokenizer, [m.strip() for m in methods.split(",") if m.strip()], n_facts=facts, length=length,
+            out_dir=out, dataset=dataset, buckets=edges, seed=seed, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(markdown_table(result, at=tuple(edges)))
     typer.echo(f"wrote {', '.join(result.config['files'].values())}")
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..data.filler import FillerStream, filler_paragraphs
+from ..data.notes import NoteGenerator
 from ..data.synthetic import FactGenerator
 from .protocol import Sample
 
@@ -23,9 +24,11 @@ def synthetic_samples(
     split: str = "heldout",
     filler: list[str] | None = None,
     filler_words: tuple[int, int] = (20, 45),
+    generator: type = FactGenerator,
 ) -> list[Sample]:
-    """Invented-person fact documents (held-out templates by default); one question per document."""
-    facts = FactGenerator(seed, split)
+    """Fact documents (held-out templates by default); one question per document. `generator`:
+    `FactGenerator` (invented people's biographies) or `NoteGenerator` (everyday notes and chat lines)."""
+    facts = generator(seed, split)
     stream = FillerStream(filler or filler_paragraphs(source="stdlib"), seed + 1)
     rng = random.Random(seed)
     samples = []
@@ -154,9 +157,11 @@ def file_samples(
 
 
 def build_samples(dataset: str, n_samples: int, n_distractors: int, seed: int = 0) -> list[Sample]:
-    """`synthetic`, `nolima`, or a path to a SQuAD / NaturalQuestions JSON or LongBench JSONL file."""
+    """`synthetic`, `notes`, `nolima`, or a path to a SQuAD / NaturalQuestions JSON or LongBench JSONL file."""
     if dataset == "synthetic":
         return synthetic_samples(n_samples, n_distractors, seed=10_000 + seed)
+    if dataset == "notes":
+        return synthetic_samples(n_samples, n_distractors, seed=30_000 + seed, generator=NoteGenerator)
     if dataset == "nolima":
         return nolima_samples(n_samples, n_distractors, seed=20_000 + seed)
     return file_samples(dataset, n_samples, n_distractors, seed=seed)

@@ -126,8 +126,10 @@ class RetentionResult:
         groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for r in self.records:
             groups[(r["method"], r["distractors"])].append(r)
-        out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
-        for (method, n), rows in sorted(groups.items()):
+        order = list(dict.fromkeys(r["method"] for r in self.records))  # methods in the order they ran
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for (method, n), rows in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1])):
+            out.setdefault(method, {})
             keys = ("exact", "f1", "tokens_injected", "prompt_tokens", "latency_s")
             out[method][n] = {k: sum(float(r[k]) for r in rows) / len(rows) for k in keys} | {"n": len(rows)}
         return dict(out)
@@ -143,6 +145,7 @@ def run_protocol(
     warmup: int = 0,
     count_tokens: Callable[[str], int] = lambda text: len(text.split()),
     progress: bool = True,
+    on_method_done: Callable[[RetentionResult], None] | None = None,
 ) -> RetentionResult:
     """Run every method over every sample; see the module docstring.
 
@@ -154,6 +157,8 @@ def run_protocol(
         seed: sample i resets methods with seed + i (and draws its random position from it).
         warmup: distractors observed before every stream (the sample's last `warmup`).
         count_tokens: how "tokens injected" are counted (pass the model's tokenizer).
+        on_method_done: called with the result so far after each method (e.g. to save it, so a
+            long run stopped midway keeps what it measured).
     """
     from tqdm.auto import tqdm
 
@@ -181,6 +186,8 @@ def run_protocol(
                         result.records.append(record)
                         bar.update()
             result.peak_memory[method.name] = {"rss_mb": peak.rss_mb, "heap_mb": peak.heap_mb, "cuda_mb": peak.cuda_mb}
+            if on_method_done is not None:
+                on_method_done(result)
     return result
 
 

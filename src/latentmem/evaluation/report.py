@@ -9,9 +9,9 @@ from pathlib import Path
 from .protocol import RetentionResult
 
 
-def write_results(result: RetentionResult, out_dir: str | Path) -> dict[str, Path]:
+def write_results(result: RetentionResult, out_dir: str | Path, at: tuple[int, ...] | None = None) -> dict[str, Path]:
     """results.json (config, summary, peak memory, records), results.csv (records),
-    retention.png and table.md in `out_dir`; returns their paths."""
+    retention.png and table.md (accuracy at the distractor counts `at`) in `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
@@ -31,7 +31,7 @@ def write_results(result: RetentionResult, out_dir: str | Path) -> dict[str, Pat
     else:
         paths["csv"].write_text("")
     plot_retention(summary, paths["png"])
-    paths["md"].write_text(markdown_table(result) + "\n")
+    paths["md"].write_text(markdown_table(result, **({"at": at} if at else {})) + "\n")
     return paths
 
 
