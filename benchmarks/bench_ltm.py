@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from latentmem.ltm import LongTermStore
+from latentmem.ltm.recall import top_writes
 
 
 # --- memory probes (Linux /proc) ------------------------------------------------------------------
@@ -74,7 +75,8 @@ def _status(field: str) -> float:
 
 # --- data -------------------------------------------------------------------------------------
 def make_data(args, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Keys `[n, h]` and --prompts prompts of queries `[q, h]` (see the module doc)."""
+    """Keys `[n, h]` and --prompts prompts of queries `[q, h]` (see the module doc); `make_data.targets`
+    holds the context (write of 256 slots) each clustered prompt points at."""
     g = torch.Generator().manual_seed(args.seed)
     h = args.key_dim
     if args.data == "iso":
@@ -89,6 +91,7 @@ def make_data(args, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
             keys[start:stop] += 0.5 * torch.randn(stop - start, h, generator=g) / h**0.5
         picks = torch.randint(0, len(centres), (args.prompts,), generator=g)
         prompts = [centres[j] + 0.7 * torch.randn(args.queries, h, generator=g) / h**0.5 for j in picks]
+        make_data.targets = picks.tolist()
     sample = keys[torch.randint(0, n, (min(n, 20_000),), generator=g)]
     scale = args.logit_std / (prompts[0] @ sample.T).std().item()
     return keys, [p * scale for p in prompts]
@@ -126,6 +129,10 @@ def worker(args, n: int) -> dict:
             "note": "" if kind == "exact" or indexed else "searched exactly: below min_size",
         }
         print(f"  [{n:,}] built {kind} store ({build_s:.1f} s)", file=sys.stderr, flush=True)
+    # M+'s retrieval of whole writes (retrieval_unit="write"): candidates from the index, grouped by write
+    writes_from = "ivf" if "ivf" in stores else "exact"
+    searches[f"{writes_from}, whole writes"] = lambda queries: top_writes(stores[writes_from], 0, queries, k, 4)
+    result["methods"][f"{writes_from}, whole writes"] = {"build_s": None, "resident_mb": 0.0, "note": "writes"}
 
     times = {name: [] for name in searches}
     found = {name: [] for name in searches}
@@ -146,6 +153,9 @@ def worker(args, n: int) -> dict:
         entry["search_peak_mb"] = peak_mb() - base
         entry["median_ms"] = statistics.median(times[name]) * 1e3
         entry["recall"] = statistics.mean(len(f & e) / k for f, e in zip(found[name], found["exact"]))
+        if args.data != "iso":  # how often the write the prompt asks about is among the retrieved slots
+            writes = [{i // 256 for i in f} for f in found[name]]
+            entry["write_found"] = statistics.mean(t in w for t, w in zip(make_data.targets, writes))
     result["worker_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.save_to:
         kind = next((kind for kind in reversed(kinds) if kind != "exact"), "exact")
@@ -189,12 +199,13 @@ def run_worker(argv: list[str]) -> dict:
 def report_size(r: dict) -> None:
     full = r["methods"]["full scan"]["median_ms"]
     print(f"\n{r['size']:,} slots/layer (worker peak RSS {r['worker_peak_mb']:,.0f} MB)")
-    print(f"  {'method':<10} {'search ms':>10} {'speed-up':>9} {'recall@k':>9} {'build s':>8} "
+    print(f"  {'method':<18} {'search ms':>10} {'speed-up':>9} {'recall@k':>9} {'write found':>11} {'build s':>8} "
           f"{'resident MB':>12} {'search peak MB':>15}  note")  # fmt: skip
     for name, m in r["methods"].items():
         build = f"{m['build_s']:.1f}" if m["build_s"] is not None else "-"
-        print(f"  {name:<10} {m['median_ms']:>10.2f} {full / m['median_ms']:>8.1f}x {m['recall']:>9.3f} {build:>8} "
-              f"{m['resident_mb']:>12,.0f} {m['search_peak_mb']:>15,.1f}  {m['note']}")  # fmt: skip
+        found = f"{m['write_found']:.2f}" if "write_found" in m else "-"
+        print(f"  {name:<18} {m['median_ms']:>10.2f} {full / m['median_ms']:>8.1f}x {m['recall']:>9.3f} {found:>11} "
+              f"{build:>8} {m['resident_mb']:>12,.0f} {m['search_peak_mb']:>15,.1f}  {m['note']}")  # fmt: skip
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one-GPU run behind smollm2-135m's M+ retriever: train the retrievers on top of the shipped
-# memory adapter, then measure recall after 0, 10 and 50 distractors with and without long-term
-# memory (train_smollm2_gpu.py mplus).
+# The one-GPU run for memory that lasts: continue smollm2-135m's memory adapter on reads of older
+# memory in warm 32-block pools with per-write positions (train_smollm2_gpu.py memoryllm --recipe
+# lasting), then train M+ retrievers on top of it and measure recall after 0, 10 and 50 distractors
+# with and without long-term memory, retrieving whole writes (train_smollm2_gpu.py mplus).
 #
 #   bash scripts/run_smollm2_gpu.sh OUT_DIR TOTAL_SECONDS
 #
@@ -18,8 +19,14 @@ mkdir -p "$out/mplus"
 # Parse the GGUF once (tens of seconds) and cache the dequantized base.
 [ -n "${LATENTMEM_SMOKE:-}" ] || python3 -c "from latentmem.training.presets import load_smollm2_backbone as l; l()"
 left=$((total - ($(date +%s) - start)))
+mkdir -p "$out/memoryllm"
+adapter="$here/../src/latentmem/presets/smollm2-135m"
+python3 "$here/train_smollm2_gpu.py" memoryllm --seconds $((left * 45 / 100)) --recipe lasting --lr 5e-4 --batch 8 \
+    --init "$adapter" --eval-docs 20 --out "$out/memoryllm" >"$out/memoryllm.log" 2>&1
+[ -f "$out/memoryllm/run/adapter/memory_adapter.safetensors" ] && adapter="$out/memoryllm/run/adapter"
+left=$((total - ($(date +%s) - start)))
 python3 "$here/train_smollm2_gpu.py" mplus --seconds $((left * 40 / 100)) --batch 4 --lr 3e-3 --eval-docs 20 \
-    --out "$out/mplus" >"$out/mplus.log" 2>&1 &
+    --adapter "$adapter" --out "$out/mplus" >"$out/mplus.log" 2>&1 &
 while [ -n "$(jobs -r)" ] && [ $(($(date +%s) - start)) -lt "$total" ]; do sleep 2; done
 kill $(jobs -p) 2>/dev/null
 wait

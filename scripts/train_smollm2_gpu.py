@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,9 +54,14 @@ def smoke_backbone(dtype=torch.float32):
 def recipe(name: str, steps: int) -> list[Stage]:
     """`fresh`: the first recipe's shape, longer; `continue`: more full-pool training of an adapter;
     `copy`: one-document episodes of which 30% ask for the document itself back from memory (every
-    token scored: practice in copying faithfully; README: better in empty memories, worse in used ones)."""
+    token scored: practice in copying faithfully; README: better in empty memories, worse in used ones);
+    `lasting`: warm pools and reads of targets written up to 30 writes back (`presets.SMOLLM2_LASTING`)."""
     if name == "copy":
         return [Stage(steps, num_blocks=1, reset_memory=1.0, copy_fraction=0.3)]
+    if name == "lasting":  # the preset's reads of older memory, stretched to the budget (32-block pools)
+        total = sum(stage.steps for stage in presets.SMOLLM2_LASTING)
+        return [replace(stage, steps=max(1, round(steps * stage.steps / total)), num_blocks=32)
+                for stage in presets.SMOLLM2_LASTING]  # fmt: skip
     one_document = {"fresh": 0.6, "continue": 0.3}[name]
     first = max(1, round(steps * one_document))
     return [Stage(first, num_blocks=1, reset_memory=1.0), Stage(max(1, steps - first), num_blocks=16, max_contexts=4)]
@@ -98,7 +104,8 @@ def train_mplus(args, out: Path) -> dict:
     from latentmem.training.retriever import evaluate_retriever, mplus_from, train_retriever
 
     model, tokenizer = presets.load_smollm2_preset(args.adapter, device=args.device)
-    mplus = mplus_from(model, seed=args.seed, num_ltm_blocks=args.ltm_blocks, selector_hidden_dim=args.selector_dim)
+    mplus = mplus_from(model, seed=args.seed, num_ltm_blocks=args.ltm_blocks, selector_hidden_dim=args.selector_dim,
+                       retrieval_unit=args.retrieval_unit, retrieved_slots_position="before_newest_write")  # fmt: skip
     result = {"job": out.name, "adapter": str(args.adapter), "num_ltm_blocks": args.ltm_blocks,
               "selector_hidden_dim": args.selector_dim}  # fmt: skip
     with (out / "metrics.jsonl").open("w") as metrics:
@@ -134,12 +141,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="training budget")
     parser.add_argument("--steps", type=int, default=None, help="memoryllm: this many steps instead of timing a few")
-    parser.add_argument("--recipe", choices=["fresh", "continue", "copy"], default="fresh")
+    parser.add_argument("--recipe", choices=["fresh", "continue", "copy", "lasting"], default="fresh")
     parser.add_argument("--init", type=Path, default=None, help="memory adapter to start from (memoryllm)")
     parser.add_argument("--adapter", type=Path, default=SHIPPED, help="memory adapter M+ builds on (mplus)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ltm-blocks", type=int, default=4)
+    parser.add_argument("--retrieval-unit", choices=["slot", "write"], default="write")
     parser.add_argument("--selector-dim", type=int, default=64)
     parser.add_argument("--eval-docs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--memory-positions", choices=MEMORY_POSITIONS,
                         help="read with this memory layout instead of the model's own (see latentmem.positions)")
     parser.add_argument("--retrieval-unit", default="slot", choices=("slot", "write"))
+    parser.add_argument("--blocks", type=int, help="read with a short-term pool of this many blocks of K slots")
     parser.add_argument("--pin-document", action="store_true", help="keep the document's slots in the short-term pool")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"which reads to score, of {','.join(WAYS)}")
     parser.add_argument("--seed", type=int, default=30000)
@@ -95,6 +96,8 @@ def main() -> None:
     base, tokenizer = load_model(args.model)
     if args.memory_positions:
         base.config.memory_positions = args.memory_positions
+    if args.blocks:  # no weight depends on the pool size
+        base.config.num_blocks = args.blocks
     # Same short-term pool as the MemoryLLM (its num_blocks), plus the retrieved blocks on top.
     model = mplus_from(base, num_blocks=base.config.num_blocks + args.ltm_blocks, num_ltm_blocks=args.ltm_blocks,
                        selector_hidden_dim=args.key_dim, retrieved_slots_position=args.retrieved_position,

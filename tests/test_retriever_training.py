@@ -167,3 +167,16 @@ def test_saved_retrievers_rebuild_the_same_mplus_and_bad_files_are_refused(tmp_p
         load_retrievers(rebuilt, {})  # the query and key projections are missing
     with pytest.raises(FileNotFoundError, match="save_retrievers"):
         mplus_with_retrievers(model, tmp_path / "missing")
+
+
+def test_the_answering_write_is_found_when_retrieval_covers_the_whole_store():
+    from latentmem.training.retriever import answering_write_found
+
+    model, tokenizer = untrained_model(num_tokens=16, num_blocks=4)
+    mplus = mplus_from(model, num_ltm_blocks=3, selector_hidden_dim=16)  # reads 48 long-term slots
+    stream = question_stream(mplus, tokenizer, stream_length=4)
+    question = next(q for q in stream if q is not None)  # the store is no bigger than one read yet
+    assert max(question.memory.ltm.size(i) for i in range(question.memory.num_layers)) <= mplus.config.retrieved_slots
+    assert answering_write_found(mplus, question.memory, question.prompt_ids, question.injection_id) == 1.0
+    # a write that is not in the store is never found
+    assert answering_write_found(mplus, question.memory, question.prompt_ids, 10**6) == 0.0

@@ -73,12 +73,17 @@ def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates:
     for source, score in zip(sources[positions].tolist(), scores.tolist()):
         best.setdefault(source, score)  # search returns best first
     ranked = sorted(best, key=best.get, reverse=True)
+    # every slot of the candidate writes in one pass over the layer, grouped by write
+    members = torch.isin(sources, torch.tensor(ranked, dtype=sources.dtype)).nonzero().flatten()
+    by_write: dict[int, list[int]] = {}
+    for position, source in zip(members.tolist(), sources[members].tolist()):
+        by_write.setdefault(source, []).append(position)
     taken: list[torch.Tensor] = []
     room = count
     for source in ranked:
         if room == 0:
             break
-        block = (sources == source).nonzero().flatten()[-room:]  # its newest slots if it must be cut
+        block = torch.tensor(by_write[source][-room:], dtype=torch.long)  # its newest slots if it must be cut
         taken.append(block)
         room -= len(block)
     chosen = torch.cat(taken) if taken else torch.empty(0, dtype=torch.long)

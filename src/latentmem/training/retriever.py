@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data.filler import FillerStream, filler_paragraphs
 from ..data.synthetic import FactGenerator
+from ..ltm.recall import top_writes
 from ..ltm.retriever import retrieval_scores, retriever_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
@@ -273,7 +274,7 @@ def train_retriever(
 def evaluate_retriever(model: MPlus, tokenizer, questions: int = 40, seed: int = 10_000, **stream_options) -> dict:
     """Held-out retrieval quality: loss, recall of the top R and its chance level (R / long-term slots)."""
     stream = question_stream(model, tokenizer, split="heldout", seed=seed, **stream_options)
-    losses, recalls, chance = [], [], []
+    losses, recalls, chance, writes = [], [], [], []
     while len(losses) < questions:
         question = next(stream)
         result = retriever_step_loss(model, question.memory, question.prompt_ids, question.injection_id) if question else None
@@ -281,5 +282,23 @@ def evaluate_retriever(model: MPlus, tokenizer, questions: int = 40, seed: int =
             losses.append(result[0].item())
             recalls.append(result[1])
             chance.append(min(1.0, model.config.retrieved_slots / result[2]))
+            writes.append(answering_write_found(model, question.memory, question.prompt_ids, question.injection_id))
     mean = lambda values: round(sum(values) / len(values), 4)
-    return {"loss": mean(losses), "recall": mean(recalls), "chance": mean(chance), "questions": questions}
+    return {"loss": mean(losses), "recall": mean(recalls), "chance": mean(chance), "write_found": mean(writes),
+            "questions": questions}  # fmt: skip
+
+
+@torch.no_grad()
+def answering_write_found(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int) -> float:
+    """Share of layers (among those holding long-term slots of the answering write) whose retrieval of
+    whole writes (`top_writes`, as `retrieval_unit="write"` reads) brings that write back."""
+    queries = question_queries(model, memory, prompt_ids)
+    found = []
+    for i in range(len(model.decoder.layers)):
+        sources = memory.ltm.sources(i)
+        if not (sources == injection_id).any():
+            continue
+        chosen = top_writes(memory.ltm, i, queries[i].detach(), model.config.retrieved_slots,
+                            model.config.write_candidates)  # fmt: skip
+        found.append(bool((sources[chosen] == injection_id).any()))
+    return sum(found) / max(1, len(found))
