@@ -131,7 +131,7 @@ def worker(args, n: int) -> dict:
         print(f"  [{n:,}] built {kind} store ({build_s:.1f} s)", file=sys.stderr, flush=True)
     # M+'s retrieval of whole writes (retrieval_unit="write"): candidates from the index, grouped by write
     writes_from = "ivf" if "ivf" in stores else "exact"
-    searches[f"{writes_from}, whole writes"] = lambda queries: top_writes(stores[writes_from], 0, queries, k, 4)
+    searches[f"{writes_from}, whole writes"] = lambda queries: top_writes(stores[writes_from], 0, queries, k, 1)
     result["methods"][f"{writes_from}, whole writes"] = {"build_s": None, "resident_mb": 0.0, "note": "writes"}
 
     times = {name: [] for name in searches}

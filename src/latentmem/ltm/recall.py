@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -59,6 +60,9 @@ def retrieve(
     return torch.as_tensor(found["slots"])[order], torch.as_tensor(found["sources"])[order]
 
 
+WRITES_PER_PASS = 16
+
+
 def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates: int) -> torch.Tensor:
     """Positions of `count` long-term slots making up the best whole writes, in write order.
 
@@ -73,19 +77,20 @@ def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates:
     for source, score in zip(sources[positions].tolist(), scores.tolist()):
         best.setdefault(source, score)  # search returns best first
     ranked = sorted(best, key=best.get, reverse=True)
-    # every slot of the candidate writes in one pass over the layer, grouped by write
-    members = torch.isin(sources, torch.tensor(ranked, dtype=sources.dtype)).nonzero().flatten()
-    by_write: dict[int, list[int]] = {}
-    for position, source in zip(members.tolist(), sources[members].tolist()):
-        by_write.setdefault(source, []).append(position)
     taken: list[torch.Tensor] = []
-    room = count
-    for source in ranked:
-        if room == 0:
-            break
-        block = torch.tensor(by_write[source][-room:], dtype=torch.long)  # its newest slots if it must be cut
-        taken.append(block)
-        room -= len(block)
+    room, start = count, 0
+    while room and start < len(ranked):
+        # the slots of the next few best writes, in one pass over the layer (a few writes fill a read)
+        chunk = ranked[start : start + WRITES_PER_PASS]
+        start += WRITES_PER_PASS
+        members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), chunk)))  # numpy's isin: 2.5x torch's
+        owners = sources[members]
+        for source in chunk:
+            if room == 0:
+                break
+            block = members[owners == source][-room:]  # its newest slots if it must be cut
+            taken.append(block)
+            room -= len(block)
     chosen = torch.cat(taken) if taken else torch.empty(0, dtype=torch.long)
     if room:
         extra = positions[~torch.isin(positions, chosen)][:room]
