@@ -431,22 +431,38 @@ def eval_retention(
     out: Path = typer.Option(Path("eval-retention"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
 ) -> None:
     """Knowledge retention of memory vs replay, summary, RAG and closed book, with plots."""
-    from .evaluation import markdown_table, run_retention
+    from .evaluation import run_retention
+
+    steps = _comma_ints(checkpoints, "--checkpoints")
+    model, tokenizer = _load(model_path)
+    _run_evaluation(
+        lambda: run_retention(
+            model, tokenizer, _names(methods), n_samples=samples, checkpoints=steps, out_dir=out, dataset=dataset,
+            position=position, seed=seed, warmup=warmup, max_new_tokens=max_new_tokens,
+        )
+    )  # fmt: skip
+
+
+def _comma_ints(text: str, flag: str) -> list[int]:
+    try:
+        return sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        _fail(f"{flag} must be comma-separated integers, got {text!r}")
+
+
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _run_evaluation(run, at: tuple[int, ...] = (0, 10, 50)) -> None:
+    """Run an evaluation, print its table and where its files went; bad input fails cleanly."""
+    from .evaluation import markdown_table
 
     try:
-        steps = sorted({int(c) for c in checkpoints.split(",") if c.strip()})
-    except ValueError:
-        _fail(f"--checkpoints must be comma-separated integers, got {checkpoints!r}")
-    model, tokenizer = _load(model_path)
-    try:
-        result = run_retention(
-            model, tokenizer, [m.strip() for m in methods.split(",") if m.strip()], n_samples=samples,
-            checkpoints=steps, out_dir=out, dataset=dataset, position=position, seed=seed, warmup=warmup,
-            max_new_tokens=max_new_tokens,
-        )  # fmt: skip
+        result = run()
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         _fail(str(err))
-    typer.echo(markdown_table(result))
+    typer.echo(markdown_table(result, at=at))
     typer.echo(f"wrote {', '.join(result.config['files'].values())}")
 
 
@@ -463,22 +479,17 @@ def eval_stream(
     out: Path = typer.Option(Path("eval-stream"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
 ) -> None:
     """One long stream (weeks of notes): facts at random places among hundreds of writes, asked at the end."""
-    from .evaluation import markdown_table, run_stream
+    from .evaluation import run_stream
 
-    try:
-        edges = sorted({int(b) for b in buckets.split(",") if b.strip()})
-    except ValueError:
-        _fail(f"--buckets must be comma-separated integers, got {buckets!r}")
+    edges = _comma_ints(buckets, "--buckets")
     model, tokenizer = _load(model_path)
-    try:
-        result = run_stream(
-            model, tokenizer, [m.strip() for m in methods.split(",") if m.strip()], n_facts=facts, length=length,
-            out_dir=out, dataset=dataset, buckets=edges, seed=seed, max_new_tokens=max_new_tokens,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        _fail(str(err))
-    typer.echo(markdown_table(result, at=tuple(edges)))
-    typer.echo(f"wrote {', '.join(result.config['files'].values())}")
+    _run_evaluation(
+        lambda: run_stream(
+            model, tokenizer, _names(methods), n_facts=facts, length=length, out_dir=out, dataset=dataset,
+            buckets=edges, seed=seed, max_new_tokens=max_new_tokens,
+        ),
+        at=tuple(edges),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":  # `python -m latentmem.cli ...`, e.g. under torchrun
