@@ -334,6 +334,25 @@ def test_an_oversized_body_gets_413_that_says_connection_close(server):
     assert r.status_code == 413 and r.headers["connection"] == "close"
 
 
+def test_a_client_that_sends_its_whole_oversized_body_first_still_reads_the_413(server):
+    # The server reads (and discards) the rest of the body before closing: a close while the client is
+    # still sending makes the client's kernel reset the connection, losing the response (seen under load).
+    host, port = server.url.removeprefix("http://").split(":")
+    body = b"x" * (8 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = (f"POST /v1/memory/inject HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        sock.sendall(head.encode() + body)
+        reply = b""
+        while b"}}" not in reply:
+            chunk = _read_some(sock, 5)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"body_too_large" in reply and b"connection: close" in reply.lower()
+
+
 # --- 6. one user's long inject does not stall the others ------------------------------------------
 def test_inject_over_the_token_cap_gets_413(tmp_path, tiny):
     srv = start(tmp_path, tiny, max_inject_tokens=200)
