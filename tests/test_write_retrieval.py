@@ -143,3 +143,14 @@ def test_cached_generation_steps_in_the_per_write_layout_equal_a_fresh_read():
 def test_unknown_retrieval_unit_is_refused():
     with pytest.raises(ValueError, match="retrieval_unit"):
         make_mplus(retrieval_unit="paragraph")
+
+
+def test_per_write_short_term_prefix_is_computed_once_whatever_the_retrieved_count():
+    # In pool order the retrieved slots shift the short-term ones (a gap); per write nothing moves.
+    model = make_mplus(memory_positions="per_write", retrieved_slots_position="before_newest_write")
+    state = filled(model, 6)
+    first = model.prefix_cache.get(model, state, start=1, with_bos=False, gap=(state.num_slots - K, K))
+    again = model.prefix_cache.get(model, state, start=1, with_bos=False, gap=(state.num_slots - K, 2 * K))
+    assert again is first
+    model.config.memory_positions = "pool"
+    assert model.prefix_cache.get(model, state, start=1, with_bos=False, gap=(state.num_slots - K, K)) is not first

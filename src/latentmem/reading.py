@@ -179,6 +179,8 @@ class PrefixCache:
     def get(
         self, model: "MemoryLLM", state: MemoryState, start: int = 0, with_bos: bool = True, gap: tuple | None = None
     ) -> MemoryPrefix:
+        if model.config.memory_positions != "pool":
+            gap = None  # slots sit by write, not by index: where retrieved slots go moves none of them
         key = (state.version, model.adapters.active, model.dtype, start, with_bos, gap)
         with self._lock:
             entry = self._entries.get(state)

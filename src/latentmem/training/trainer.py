@@ -23,7 +23,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -270,7 +270,8 @@ class Trainer:
                 written = min(context.numel(), self.model.config.num_tokens)
                 # the write count right after the answer's write: later writes make it older
                 write_index = self.states[i].write_count - (len(episode.contexts) - 1 - episode.answer_context)
-                self.history[i].append((result.injection_ids[episode.answer_context], written, episode, write_index))
+                asked = replace(episode, contexts=[])  # the question alone: its contexts are in memory
+                self.history[i].append((result.injection_ids[episode.answer_context], written, asked, write_index))
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
