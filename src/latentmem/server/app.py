@@ -48,6 +48,7 @@ from ..chat import default_stops, generate_reply, memory_ids, memory_sources, pr
 from ..models import model_name as default_model_name
 from ..persistence import MemoryFileError, names_long_term_store
 from ..state import MemoryState
+from ..store import ObjectStore, StoreError
 from ..writing import split_into_chunks
 from .auth import NAME_PATTERN, KeyTable
 from .errors import ApiError, LastResort, error_body, error_response
@@ -55,6 +56,7 @@ from .gate import ModelGate, inject_in_turns
 from .guard import USER_KEY, Guard
 from .schemas import IMPORT_BODY, SESSION_PARAMETERS, ChatRequest, ForgetRequest, InjectRequest
 from .states import DEFAULT_SESSION, DamagedState, ShuttingDown, StateRegistry, UnknownSession
+from .store_registry import StaleState, StoreRegistry
 
 logger = logging.getLogger("latentmem.server")
 SESSION_HEADER = "x-latentmem-session"
@@ -76,15 +78,25 @@ def create_app(
     max_parallel: int = 4,
     max_inject_tokens: int = 32768,
     body_timeout: float = 60.0,
+    store: str | ObjectStore | None = None,
+    storage_options: dict | None = None,
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
     `max_parallel`: model calls (all reads or all writes) that may run at once; more wait in line.
     `max_inject_tokens`: the longest text one inject request may write (413 over it).
     `body_timeout`: seconds a client has to send a request's whole body (408 after).
+    `store`: keep the states in a shared object store (an fsspec URL such as `s3://bucket/prefix`,
+    see store.py) instead of under `data_dir`, which then only caches them; commits are fenced, so
+    several replicas may serve the same store (serving.py).
     """
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
-    registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states)
+    if store is None:
+        registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states)
+    else:
+        registry = StoreRegistry(
+            model, store, data_dir, max_loaded=max_loaded_states, storage_options=storage_options
+        )
     gate = ModelGate(max_parallel)
     name = model_name or default_model_name(model)
     L, N, d = model.backbone.config.num_hidden_layers, model.config.memory_size, model.backbone.config.hidden_size
@@ -134,6 +146,17 @@ def create_app(
                    "was set aside, not replaced by an empty memory. To go on, reset it (DELETE /v1/memory) or "
                    "import a saved state into it (POST /v1/memory/import)")  # fmt: skip
         return error_response(409, message, "damaged_state", "session")
+
+    @app.exception_handler(StaleState)
+    async def stale_state(request: Request, err: StaleState):
+        message = (f"session {err.session!r} was changed by another replica while this request ran; nothing was "
+                   "written. Send the request again: it will read the newer memory")  # fmt: skip
+        return error_response(409, message, "stale_state", "session")
+
+    @app.exception_handler(StoreError)
+    async def store_unavailable(request: Request, err: StoreError):
+        logger.error("state store failed: %s", err)
+        return error_response(503, "the memory store could not be reached; nothing was written", "store_unavailable")
 
     @app.exception_handler(ShuttingDown)
     async def shutting_down(request: Request, err: ShuttingDown):
