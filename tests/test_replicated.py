@@ -213,6 +213,26 @@ def test_local_folder_store_serves_too(tiny, tmp_path):
     assert c.get("/v1/memory", params={"session": "s"}).json()["sources"][0]["source"] == "fact"
 
 
+def test_serve_run_builder_makes_the_application(tmp_path, monkeypatch):
+    """`serve run latentmem.serving:app store=... replicas=...` (builds the application; starts nothing)."""
+    _need("ray", "ray.serve")
+    from ray.serve import Application
+
+    from latentmem import serving
+
+    monkeypatch.setenv("LATENTMEM_API_KEYS", f"{ALICE}:alice")
+    built = serving.app({"store": str(tmp_path / "store"), "replicas": "3", "max_parallel": "2", "model_name": "x"})
+    assert isinstance(built, Application)
+    with pytest.raises(ValueError, match="store=URL"):
+        serving.app({})
+    with pytest.raises(ValueError, match="could not be fenced"):
+        serving.app({"store": "memory://x"})
+    assert serving.memory_id(serving.KeyTable(KEYS), {"authorization": f"Bearer {BOB}"}, "session=s1", b"") == "bob/s1"
+    assert serving.memory_id(serving.KeyTable(KEYS), {"authorization": "Bearer nope"}, "", b"") is None
+    body = b'{"session": "work", "text": "x"}'
+    assert serving.memory_id(serving.KeyTable(KEYS), {"authorization": f"Bearer {ALICE}"}, "", body) == "alice/work"
+
+
 # --- Ray Serve: 2 replicas of the tiny model over the S3 server --------------------------------------
 def _deploy(url: str, options: dict) -> None:
     from ray import serve
@@ -312,18 +332,18 @@ def test_ray_replica_killed_during_writes_loses_no_acknowledged_write(ray_serve)
     sessions = [(ALICE, "k0"), (ALICE, "k1"), (BOB, "k0"), (BOB, "k1")]
     acked: dict[tuple[str, str], list[str]] = {s: [] for s in sessions}
     served_by: dict[str, int] = {}
-    stop = threading.Event()
+    answers: list[tuple[float, str]] = []
 
     def writer(key, session):
         with _http(base, key) as c:
             for i in range(12):
+                started = time.monotonic()
                 reply = _retrying(lambda i=i: _inject(c, session, f"{session}-{i}"))
                 assert reply.status_code == 200, reply.text
                 acked[(key, session)].append(f"{session}-{i}")  # acknowledged: must survive anything now
                 replica = reply.headers.get("x-latentmem-replica")
                 served_by[replica] = served_by.get(replica, 0) + 1
-                if stop.is_set():
-                    return
+                answers.append((started, replica))
 
     threads = [threading.Thread(target=writer, args=s) for s in sessions]
     [t.start() for t in threads]
@@ -333,7 +353,10 @@ def test_ray_replica_killed_during_writes_loses_no_acknowledged_write(ray_serve)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
     assert names, (victim, ray.util.list_named_actors(all_namespaces=True))
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)  # kill -9 of a replica, mid-writes
+    killed = time.monotonic()
     [t.join() for t in threads]
+    later = [replica for started, replica in answers if started > killed + 2]
+    assert later and victim not in later  # writes went on, on the other replicas only
     for (key, session), sources in acked.items():
         with _http(base, key) as c:
             present = _sources(c, session)
@@ -368,27 +391,55 @@ def test_cli_serve_store_and_ray_options(tmp_path, monkeypatch):
 
     runner = CliRunner()
     monkeypatch.setenv("LATENTMEM_API_KEYS", f"{ALICE}:alice")
-    refused = runner.invoke(app, ["serve", "--ray", "--data-dir", str(tmp_path / "data")])
+    refused = runner.invoke(app, ["serve", "--ray", "--model", "tiny", "--data-dir", str(tmp_path / "data")])
     assert refused.exit_code != 0 and "--ray needs --store" in refused.output
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
-    apps = []
-    for cache in ("one", "two"):  # two servers over one store, the default (M+) model
-        done = runner.invoke(app, ["serve", "--data-dir", str(tmp_path / cache), "--store", str(tmp_path / "store")])
-        assert done.exit_code == 0, done.output
-        assert isinstance(served["app"].state.registry, StoreRegistry)
-        apps.append(served["app"])
+    done = runner.invoke(
+        app, ["serve", "--model", "tiny", "--data-dir", str(tmp_path / "data"), "--store", str(tmp_path / "store")]
+    )
+    assert done.exit_code == 0, done.output
+    assert isinstance(served["app"].state.registry, StoreRegistry)
+    assert _inject(_client(served["app"]), "s", "fact", FACT * 4).status_code == 200
+    assert (tmp_path / "store" / "states" / "alice" / "s.safetensors").is_file()
+    assert not (tmp_path / "data" / "states" / "alice").exists()  # the data dir only caches, in its own folder
+
+
+def test_long_term_memory_travels_as_one_object(tiny, s3_url, tmp_path):
+    """An M+ state (file + long-term store folder) is one tar object, unpacked only as those two."""
+    from latentmem.presets.retrievers import mplus_from
+
+    url, options = s3_url
+    mplus = (mplus_from(tiny[0], num_ltm_blocks=2), tiny[1])
+    apps = [
+        create_app(
+            *mplus, data_dir=tmp_path / name, api_keys=KEYS, model_name="tiny", store=url, storage_options=options
+        )
+        for name in ("one", "two")
+    ]
     one, two = _client(apps[0]), _client(apps[1])
-    assert apps[0].state.registry.model.reads_short_term_only is False  # long-term memory travels too
     for source in ("first", "second"):
-        assert _inject(one, "s", source, FACT * 8).status_code == 200
+        assert _inject(one, "s", source, FACT * 4).status_code == 200
     object_ = apps[0].state.registry.store.get("states/alice/s.safetensors")[0]
     assert object_[257:262] == b"ustar"  # the state file and its long-term store, one object
-    assert {row["source"] for row in two.get("/v1/memory", params={"session": "s"}).json()["sources"]} == {
-        "first",
-        "second",
-    }
-    assert _inject(two, "s", "third", FACT * 8).status_code == 200
-    reply = one.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "code?"}], "max_tokens": 3,
-                                                    "session": "s"})  # fmt: skip
-    assert reply.status_code == 200 and one.get("/v1/memory", params={"session": "s"}).json()["writes"] == 3
+    sources = {row["source"] for row in two.get("/v1/memory", params={"session": "s"}).json()["sources"]}
+    assert sources == {"first", "second"}
+    assert _inject(two, "s", "third", FACT * 4).status_code == 200
+    body = {"messages": [{"role": "user", "content": "code?"}], "max_tokens": 3, "session": "s"}
+    assert one.post("/v1/chat/completions", json=body).status_code == 200
+    assert one.get("/v1/memory", params={"session": "s"}).json()["writes"] == 3
+    # an object naming anything but its state and one long-term store is damaged, never unpacked
+    import io
+    import tarfile
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        for name in ("s.safetensors", "../../escape"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"bad"))
+    store = apps[0].state.registry.store
+    store.put("states/alice/s.safetensors", evil.getvalue(), expected=store.head("states/alice/s.safetensors").version)
+    reply = two.get("/v1/memory", params={"session": "s"})
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "damaged_state"
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "two" / "escape").exists()

@@ -258,7 +258,7 @@ def app(args: dict[str, str]):
         args.pop("store"), model=args.pop("model", None), keys=args.pop("keys", None),
         replicas=int(args.pop("replicas", 2)), replica_cpus=float(args.pop("replica_cpus", 1)),
         max_loaded=int(args.pop("max_loaded", 64)), threads=int(args.pop("threads", 1)),
-        **{key: int(value) for key, value in args.items()},
+        **{key: int(value) if str(value).isdigit() else value for key, value in args.items()},
     )  # fmt: skip
 
 

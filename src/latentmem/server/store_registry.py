@@ -2,7 +2,8 @@
 
 `StoreRegistry` is the `StateRegistry` of one replica among several: the store holds the truth,
 under `states/<user>/<session>.safetensors` (the same file format as on disk), and the replica
-keeps a cache folder (`data_dir`, emptied at start) with the states it has loaded. What changes:
+keeps a cache folder (`<data_dir>/store-cache`, emptied at start) with the states it has loaded.
+What changes:
 
 - **Loading** fetches the object with its version; every later read or write of a loaded state
   first asks the store for the object's current version (one HEAD) and reloads if another
@@ -61,8 +62,10 @@ class StoreRegistry(StateRegistry):
         storage_options: dict | None = None,
     ):
         self.store = store if isinstance(store, ObjectStore) else open_store(store, storage_options)
-        cache = Path(cache_dir)
-        shutil.rmtree(cache / "states", ignore_errors=True)  # a cache of a former run: the store is the truth
+        # Its own folder under cache_dir (never a local server's states/ next to it), emptied: a
+        # former run's cache is stale by definition, the store is the truth.
+        cache = Path(cache_dir) / "store-cache"
+        shutil.rmtree(cache, ignore_errors=True)
         self._versions: dict[tuple[str, str], str | None] = {}  # version each loaded state was read at
         self._created: dict[tuple[str, str], str] = {}
         self._damaged: dict[tuple[str, str], str] = {}  # why, for states this replica found damaged
