@@ -1,6 +1,6 @@
 """Throughput and latency of `latentmem serve` under concurrent clients.
 
-Starts the server as its own process on a loopback port (default model unless --model), then:
+Starts the server as its own process on a loopback port (the tiny preset unless --model), then:
   1. in-process baseline: the same inject and chat calls straight on the model, no HTTP;
   2. one client, sequential requests;
   3. --clients clients at once, each on its own session (writes and reads interleaved), plus
@@ -143,7 +143,7 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    parser.add_argument("--model", default="tiny", help="model folder or preset (default: tiny, as documented)")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=10, help="inject + chat pairs per client")
     parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per chat request (greedy)")

