@@ -188,6 +188,38 @@ def test_apps_on_one_store_see_each_others_writes(tiny, s3_url, tmp_path):
     assert a.get("/v1/memory", params={"session": "copy"}).json()["injections"] == 3
 
 
+def test_commit_racing_another_replicas_is_refused_over_http(tiny, s3_url, tmp_path):
+    """A write whose memory another replica commits while it runs: 409 stale_state, nothing written;
+    the other replica's write stands, and the same request sent again succeeds over it."""
+    url, options = s3_url
+    one, two = (
+        create_app(*tiny, data_dir=tmp_path / n, api_keys=KEYS, model_name="tiny", store=url, storage_options=options)
+        for n in ("a", "b")
+    )
+    a, b = _client(one), _client(two)
+    assert _inject(a, "s", "first").status_code == 200
+    store, put = one.state.registry.store, one.state.registry.store.put
+
+    def put_after_a_rival_commit(*args, **kwargs):
+        store.put = put  # once
+        assert _inject(b, "s", "rival").status_code == 200  # lands between A's read and A's commit
+        return put(*args, **kwargs)
+
+    store.put = put_after_a_rival_commit
+    refused = _inject(a, "s", "late")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "stale_state"
+    assert {row["source"] for row in b.get("/v1/memory", params={"session": "s"}).json()["sources"]} == {
+        "first",
+        "rival",
+    }
+    assert _inject(a, "s", "late").status_code == 200  # sent again: A reads the rival's commit first
+    assert {row["source"] for row in a.get("/v1/memory", params={"session": "s"}).json()["sources"]} == {
+        "first",
+        "rival",
+        "late",
+    }
+
+
 def test_damaged_object_is_never_read_as_empty(tiny, s3_url, tmp_path):
     url, options = s3_url
     app = create_app(*tiny, data_dir=tmp_path / "a", api_keys=KEYS, model_name="tiny", store=url,
