@@ -1,18 +1,27 @@
-"""The two LoRA adapters of a MemoryLLM and which one is active.
+"""The two LoRA adapters of a MemoryLLM, chosen per call.
 
-`default` is active while writing (injection), `decoder_adapter` while reading; without a decoder
-adapter, `default` serves both. Adapters are injected and switched through PEFT's public API for
-models that are not a `PeftModel` (`peft.functional`, and `enable_adapters` on its tuner layers),
-never by writing private attributes.
+`default` serves writing (injection), `decoder_adapter` reading; without a decoder adapter,
+`default` serves both, and the plain backbone ("base") uses neither. Which one a computation uses
+is chosen by the computation itself, never by switching model-wide state: `AdapterSwitch.use(role)`
+sets a context variable for the block it wraps, and every LoRA layer's active adapters are one
+shared, never-changing object (`ContextAdapters`, installed once through PEFT's public
+`set_adapter`) that answers with the adapter the *calling* context chose. Context variables belong
+to the thread (and asyncio task) that set them, so a read and a write running at the same time in
+two threads each compute with their own adapter, through PEFT's ordinary LoRA forward (no per-call
+copies). Adapters are injected through PEFT's public API for models that are not a `PeftModel`
+(`peft.functional`), never by writing private attributes.
 """
 
 from __future__ import annotations
 
+import contextvars
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 from peft import LoraConfig
-from peft.functional import inject_adapter_in_model, set_adapter, set_requires_grad
+from peft.functional import inject_adapter_in_model, set_requires_grad
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
@@ -21,20 +30,55 @@ READ_ADAPTER = "decoder_adapter"
 Role = Literal["write", "read", "base"]
 
 
-class AdapterSwitch:
-    """Owns the LoRA adapters of a backbone and activates the one a role needs.
+class ContextAdapters(Sequence):
+    """What PEFT's LoRA layers iterate over as their active adapters: the adapter the calling context chose.
 
-    Switching is remembered, so back-to-back reads (every step of `generate`) cost nothing.
-    Whether adapter weights train is decided once (`trainable`), not by which one is active:
-    PEFT's `set_adapter` freezes inactive adapters, but training writes with `default` and reads
-    with `decoder_adapter` in the same step, so both must keep their gradients.
+    One object shared by every layer; it holds no choice itself, so no thread can change another's.
+    """
+
+    def __init__(self, switch: AdapterSwitch):
+        self._switch = switch
+
+    def _names(self) -> tuple[str, ...]:
+        name = self._switch.current()
+        return (name,) if name is not None else ()
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return f"ContextAdapters({list(self._names())})"
+
+
+class AdapterSwitch:
+    """Owns the LoRA adapters of a backbone; `use(role)` picks the adapter for the calls inside it.
+
+    Calls outside any `use` block run with `default_role` (set by `activate`; "read" at first), so
+    `model.backbone(...)` called directly still computes as a read. The library's own reads and
+    writes always say which role they compute in. Whether adapter weights train is decided once
+    (`trainable`), not by which one a call uses: training writes with `default` and reads with
+    `decoder_adapter` in the same step, so both keep their gradients.
     """
 
     def __init__(self, backbone: PreTrainedModel, lora: dict | None, two_adapters: bool):
         self.backbone = backbone
         self.names: list[str] = []
         self.trainable = False
-        self.active: str | None = None
+        self.default_role: Role = "read"
+        self.layers: list[BaseTunerLayer] = []
+        # per switch, so two models in one process never see each other's choice
+        self._role: contextvars.ContextVar[Role | None] = contextvars.ContextVar(
+            f"latentmem_adapter_role_{id(self)}", default=None
+        )
         if lora is None:
             return
         for name in [WRITE_ADAPTER, READ_ADAPTER] if two_adapters else [WRITE_ADAPTER]:
@@ -49,9 +93,10 @@ class AdapterSwitch:
                 inject_adapter_in_model(config, backbone, adapter_name=name)
             self.names.append(name)
         self.layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+        selector = ContextAdapters(self)  # set once; PEFT's active adapter is never switched again
+        for layer in self.layers:
+            layer.set_adapter(selector)
         self._set_trainable(False)
-        self.active = None
-        self.activate("read")
 
     def adapter_for(self, role: Role) -> str | None:
         if role == "base" or not self.names:
@@ -60,22 +105,36 @@ class AdapterSwitch:
             return READ_ADAPTER
         return WRITE_ADAPTER
 
+    def current(self) -> str | None:
+        """The adapter of a call made now, in this thread (None: the plain backbone)."""
+        role = self._role.get()
+        return self.adapter_for(role if role is not None else self.default_role)
+
+    @contextmanager
+    def use(self, role: Role) -> Iterator[None]:
+        """Compute the block's calls with the adapter for `role`; only the calling thread (or task) is affected.
+
+        Blocks nest, the innermost wins.
+        """
+        _check_role(role)
+        token = self._role.set(role)
+        try:
+            yield
+        finally:
+            self._role.reset(token)
+
     def activate(self, role: Role) -> None:
-        """Make the adapter for `role` active ("base" turns all adapters off: the plain backbone)."""
-        name = self.adapter_for(role)
-        if not self.names or name == self.active:
-            return
-        if name is None:
-            for layer in self.layers:
-                layer.enable_adapters(False)  # PEFT also freezes every adapter here:
-            self._set_trainable(self.trainable)  # a base read mid-step (distillation) must keep their gradients
-        else:
-            if self.active is None:
-                for layer in self.layers:
-                    layer.enable_adapters(True)
-            set_adapter(self.backbone, name)
-            self._set_trainable(self.trainable)
-        self.active = name
+        """Set the role of calls made outside any `use` block (e.g. the backbone called directly).
+
+        Only such calls are affected: reads and writes of this library choose their adapter per call.
+        """
+        _check_role(role)
+        self.default_role = role
+
+    @property
+    def active(self) -> str | None:
+        """The adapter of calls outside any `use` block."""
+        return self.adapter_for(self.default_role)
 
     def set_trainable(self, trainable: bool) -> None:
         """Let both adapters' weights receive gradients (training) or freeze them (inference)."""
@@ -85,3 +144,8 @@ class AdapterSwitch:
     def _set_trainable(self, trainable: bool) -> None:
         if self.names:
             set_requires_grad(self.backbone, adapter_names=self.names, requires_grad=trainable)
+
+
+def _check_role(role: str) -> None:
+    if role not in ("write", "read", "base"):
+        raise ValueError(f"role must be 'write', 'read' or 'base', got {role!r}")

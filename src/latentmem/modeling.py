@@ -227,16 +227,17 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         A `MemoryState`'s are cached per memory version (fresh, with gradients, in training mode);
         a raw pool `[L, M, d]` (e.g. slots just written, still carrying gradients) is projected anew.
         """
-        self.adapters.activate("read")
         if isinstance(memory, torch.Tensor):
             L, d = self.backbone.config.num_hidden_layers, self.backbone.config.hidden_size
             if memory.dim() != 3 or memory.shape[0] != L or memory.shape[2] != d:
                 raise ValueError(f"a memory tensor must be [layers={L}, slots, hidden={d}], got {list(memory.shape)}")
-            return compute_memory_prefix(self, memory)
+            with self.adapters.use("read"):
+                return compute_memory_prefix(self, memory)
         self.check_state(memory)
         if self.training and torch.is_grad_enabled():
-            return compute_memory_prefix(self, memory.stm if memory.initialized else None, sources=memory.sources)
-        return self.prefix_cache.get(self, memory)
+            with self.adapters.use("read"):
+                return compute_memory_prefix(self, memory.stm if memory.initialized else None, sources=memory.sources)
+        return self.prefix_cache.get(self, memory)  # projects with the read adapter itself
 
     def forward(
         self,
@@ -268,11 +269,11 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, inputs_embeds, previous_token_ids, attention_mask)
         common = dict(labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs)
         if memory is None:
-            self.adapters.activate("base")
-            return self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=use_cache, **common,
-            )  # fmt: skip
+            with self.adapters.use("base"):
+                return self.backbone(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    cache=cache, use_cache=use_cache, **common,
+                )  # fmt: skip
 
         prefix = self.memory_prefix(memory)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -306,10 +307,11 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
                 attention_mask = torch.cat([ones, attention_mask], dim=-1)
             if position_ids is not None:
                 position_ids = position_ids + prompt_start
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=True, **common,
-        )  # fmt: skip
+        with self.adapters.use("read"):
+            out = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, **common,
+            )  # fmt: skip
         if use_cache is False:
             out.cache = None
         return out

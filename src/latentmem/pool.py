@@ -108,6 +108,7 @@ def write_slots(
             pool,
             torch.cat([state.ages[layer_index, survivors] + 1, new_ages], dim=1),
             torch.cat([state.sources[layer_index, survivors], new_sources], dim=1),
+            survivors=survivors,
         )
     state.write_count += 1
     return evicted

@@ -30,6 +30,17 @@ def prefix_keys_values(
     Mirrors the key/value half of the layer's attention: input norm, k/v projection (with any
     active LoRA adapter), optional per-head key norm, then RoPE at the given positions.
     """
+    keys, values = unrotated_keys_values(layer, vectors)
+    cos, sin = position_embeddings
+    return rotate_keys(layer, keys, cos, sin), values
+
+
+def unrotated_keys_values(layer: nn.Module, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prefix_keys_values` before RoPE: keys (key norm included) and values, `[B, kv_heads, T, head_dim]`.
+
+    A slot's unrotated key depends on the slot alone, never on its position: a memory that only
+    moves its slots (reading.py) rotates these again instead of projecting the slots anew.
+    """
     attn = layer.self_attn
     normed = layer.input_layernorm(vectors)
     head_shape = (*normed.shape[:-1], -1, attn.head_dim)
@@ -38,9 +49,58 @@ def prefix_keys_values(
         keys = attn.k_norm(keys)
     keys = keys.transpose(1, 2)
     values = attn.v_proj(normed).view(head_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    keys = _apply_rope_to_keys(attn, keys, cos, sin)
     return keys, values
+
+
+def rotate_keys(layer: nn.Module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE applied to `keys [B, kv_heads, T, head_dim]` with the layer's own formula (`cos`, `sin`: `[B, T, head_dim]`)."""
+    return _apply_rope_to_keys(layer.self_attn, keys, cos, sin)
+
+
+def rotate_keys_into(
+    layer: nn.Module, out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """`out[...] = rotate_keys(layer, keys, cos, sin)`, written in place.
+
+    Where the backbone's RoPE is the usual rotate-half formula, `k * cos + rotate_half(k) * sin`
+    (checked once per attention class, bit for bit on a probe), the two halves are computed straight
+    into `out` with half-size temporaries: the same products and sums, so the same bits, in half the
+    passes over memory. Any other formula is applied as the backbone writes it, then copied.
+    """
+    attn = layer.self_attn
+    if _rotates_halves(attn, keys, cos):
+        h = keys.shape[-1] // 2
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        first, second = keys[..., :h], keys[..., h:]
+        out_first, out_second = out[..., :h], out[..., h:]
+        torch.mul(first, cos[..., :h], out=out_first)
+        out_first.sub_(second * sin[..., :h])  # + (-second) * sin: the same bits
+        torch.mul(second, cos[..., h:], out=out_second)
+        out_second.add_(first * sin[..., h:])
+    else:
+        out.copy_(rotate_keys(layer, keys, cos, sin))
+
+
+_ROTATE_HALF: dict[type, bool] = {}  # attention class -> whether its RoPE is the rotate-half formula
+
+
+def _rotates_halves(attn: nn.Module, keys: torch.Tensor, cos: torch.Tensor) -> bool:
+    head_dim = keys.shape[-1]
+    if head_dim % 2 or cos.shape[-1] != head_dim:
+        return False
+    kind = type(attn)
+    if kind not in _ROTATE_HALF:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, 2, 5, head_dim, generator=g, dtype=torch.float32)
+        angles = torch.randn(1, 5, head_dim, generator=g, dtype=torch.float32)
+        c, s = angles.cos(), angles.sin()
+        want = _apply_rope_to_keys(attn, probe, c, s)
+        got = torch.empty_like(probe)
+        h = head_dim // 2
+        got[..., :h] = probe[..., :h] * c[:, None, :, :h] - probe[..., h:] * s[:, None, :, :h]
+        got[..., h:] = probe[..., h:] * c[:, None, :, h:] + probe[..., :h] * s[:, None, :, h:]
+        _ROTATE_HALF[kind] = want.shape == got.shape and torch.equal(want, got)
+    return _ROTATE_HALF[kind]
 
 
 def _apply_rope_to_keys(attn: nn.Module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ every injection, and its own random generator, so forgetting is reproducible fro
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 # Provenance id of slots that no injection of this state wrote (an assigned or loaded pool).
 EXTERNAL = -1
+# Pool updates remembered for readers that cache what they derive from the pool (`slot_origins`).
+POOL_LOG = 64
 
 
 @dataclass
@@ -68,6 +71,8 @@ class MemoryState:
         self.write_count = 0
         self.injections: dict[int, Injection] = {}
         self.version = 0
+        # (version before, version after, survivors [L, N-k]) of the latest writes, see `slot_origins`
+        self._pool_log: deque[tuple[int, int, torch.Tensor]] = deque(maxlen=POOL_LOG)
         self.ltm = None  # M+ long-term memory (a LongTermStore), None for MemoryLLM
 
     # --- the pool -------------------------------------------------------------------------
@@ -105,11 +110,44 @@ class MemoryState:
         """Mark the state changed: cached memory keys/values derived from it are stale."""
         self.version += 1
 
-    def replace_pool(self, stm: torch.Tensor, ages: torch.Tensor, sources: torch.Tensor) -> None:
-        """Install a pool with its per-slot records (used by writes and by loading)."""
+    def replace_pool(
+        self, stm: torch.Tensor, ages: torch.Tensor, sources: torch.Tensor, survivors: torch.Tensor | None = None
+    ) -> None:
+        """Install a pool with its per-slot records (used by writes and by loading).
+
+        `survivors [L, N-k]`: the pool is the old pool's slots at these indices (ascending per
+        layer) followed by k new slots, as a write leaves it; recorded for `slot_origins`.
+        """
+        before = self.version
         self._stm, self.ages, self.sources = stm, ages, sources
         self.initialized = True
         self.touch()
+        if survivors is not None:
+            self._pool_log.append((before, self.version, survivors))
+
+    def slot_origins(self, version: int) -> torch.Tensor | None:
+        """`[L, N]`: where each slot of the pool sat in the pool of an earlier `version` (-1: written since).
+
+        Known across writes only (`replace_pool` with survivors); None when anything else changed
+        the pool in between (assignment, forgetting, loading, a first write) or the record is too old.
+        Slots that came from `version` always come first in each layer, in their old order.
+        """
+        L, N, _ = self.shape
+        chain, current = [], self.version
+        for before, after, survivors in reversed(self._pool_log):
+            if current == version:
+                break
+            if after != current:
+                return None
+            chain.append(survivors)
+            current = before
+        if current != version:
+            return None
+        origins = torch.arange(N).expand(L, N)
+        for survivors in reversed(chain):
+            kept = origins.gather(1, survivors.expand(L, -1))
+            origins = torch.cat([kept, kept.new_full((L, N - kept.shape[1]), -1)], dim=1)
+        return origins
 
     def clear(self) -> None:
         """Forget everything: back to an empty pool (the injection records are kept)."""

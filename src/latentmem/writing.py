@@ -155,12 +155,13 @@ def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: l
     empty = [b for b, state in enumerate(states) if not state.initialized]
     filled = [b for b, state in enumerate(states) if state.initialized]
     slots = {}
-    if empty:
-        slots.update(zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])))
-    if filled:
-        slots.update(
-            zip(filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled]))
-        )
+    with model.adapters.use("write"):  # this call's adapter, whatever other threads compute meanwhile
+        if empty:
+            slots.update(zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])))
+        if filled:
+            slots.update(
+                zip(filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled]))
+            )
     return [slots[b] for b in range(len(states))]
 
 
@@ -244,7 +245,6 @@ def inject(
     if not importance > 0:
         raise ValueError(f"importance must be > 0 (float('inf') pins), got {importance}")
     injection = state.record_injection(source, ids.numel(), importance)
-    model.adapters.activate("write")
     slots = 0
     for chunk in chunks:
         new = compute_new_slots(model, state, chunk.to(model.device))
@@ -270,7 +270,6 @@ def inject_batch(
     for state in states:
         model.check_state(state)
     injections = [state.record_injection(source, c.numel()) for state, c in zip(states, contexts)]
-    model.adapters.activate("write")
     written = compute_slots_batch(model, states, contexts)
     for state, context, new, injection in zip(states, contexts, written, injections):
         store_slots(model, state, new, injection.id, context.numel())

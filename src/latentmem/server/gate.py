@@ -1,14 +1,10 @@
 """Sharing one model between threads that write and threads that read.
 
-A MemoryLLM's active LoRA adapter is model-wide state: writes run with `default`, reads with
-`decoder_adapter` (adapters.py), and `model.adapters.activate` switches it for every thread at once. So
-a write must never run while a read is mid-forward, or either would compute with the wrong
-adapter. Calls in the *same* role do not disturb each other (inference only reads the weights),
-so reads may overlap reads and writes may overlap writes, up to `max_parallel` at once.
-
-Waiters are served first come, first served, in phases: whoever is at the head of the queue goes
-next, together with the waiters right behind it in the same role; nobody overtakes a waiter of the
-other role, so neither role starves under a steady stream of the other.
+Every read and write names its LoRA adapter per call (adapters.py: a per-thread choice, handed to
+PEFT per batch row), and inference only reads the weights, so reads and writes of different states
+may run at the same time in any mix. What is left to gate is how many run at once: `ModelGate`
+admits up to `max_parallel` model calls, first come, first served, so nobody starves under a
+steady stream of others (a long injection takes a turn per chunk, `inject_in_turns`).
 """
 
 from __future__ import annotations
@@ -33,40 +29,27 @@ class ModelGate:
         self.max_parallel = max_parallel
         self._cond = threading.Condition()
         self._queue: deque[tuple[Role, object]] = deque()
-        self._role: Role | None = None
         self._active = 0
 
     @contextmanager
     def hold(self, role: Role) -> Iterator[None]:
-        """Use the model in `role` for the duration of the block."""
+        """Use the model (to `role`: "read" or "write") for the duration of the block."""
+        if role not in ("read", "write"):
+            raise ValueError(f"role must be 'read' or 'write', got {role!r}")
         ticket = (role, object())
         with self._cond:
             self._queue.append(ticket)
-            while not self._may_enter(ticket):
+            while not (self._active < self.max_parallel and self._queue[0] is ticket):
                 self._cond.wait()
-            self._queue.remove(ticket)
-            self._role = role
+            self._queue.popleft()
             self._active += 1
-            self._cond.notify_all()  # the next in line may be able to join
+            self._cond.notify_all()  # the next in line may fit as well
         try:
             yield
         finally:
             with self._cond:
                 self._active -= 1
-                if self._active == 0:
-                    self._role = None
                 self._cond.notify_all()
-
-    def _may_enter(self, ticket: tuple[Role, object]) -> bool:
-        role = ticket[0]
-        if self._active and (self._role != role or self._active >= self.max_parallel):
-            return False
-        for waiting in self._queue:  # only waiters of the same role may be ahead
-            if waiting is ticket:
-                return True
-            if waiting[0] != role:
-                return False
-        return False
 
 
 @torch.no_grad()
@@ -84,7 +67,6 @@ def inject_in_turns(model, gate: ModelGate, state, chunks: list[torch.Tensor], s
     slots = 0
     for chunk in chunks:
         with gate.hold("write"):
-            model.adapters.activate("write")  # a read may have switched the adapter in between
             new = compute_new_slots(model, state, chunk.to(model.device))
             store_slots(model, state, new, record.id, chunk.numel())
         slots += new.shape[1]

@@ -143,7 +143,6 @@ class MemoryObjective(nn.Module):
             return []
         model = self.model
         injections = [state.record_injection("train", e.contexts[0].numel()) for e, state in zip(episodes, states)]
-        model.adapters.activate("write")
         slots = compute_slots_batch(model, states, [e.contexts[0].to(model.device) for e in episodes])  # with grad
         loss_sums, counts = self.read_slots(episodes, slots)
         with torch.no_grad():
@@ -179,7 +178,6 @@ class MemoryObjective(nn.Module):
         write) place the slots in the model's `memory_positions` layout.
         """
         model, device = self.model, self.model.device
-        model.adapters.activate("read")
         L, d = len(model.decoder.layers), slots[0].shape[-1]
         bos = model.bos_embedding if model.bos_embedding is not None else slots[0].new_zeros(L, 0, d)
         prefixes = [torch.cat([bos.to(s.dtype), s], dim=1) for s in slots]  # [L, P_b, d]
@@ -194,15 +192,16 @@ class MemoryObjective(nn.Module):
             positions = self.layout_positions(slots, sources, longest)  # [L, B, P]
             ropes = [model.decoder.rotary_emb(vectors[i], position_ids=positions[i].to(device)) for i in range(L)]
             start = prompt_start(model.config.memory_positions, longest, model.config.num_tokens)
-        cache = DynamicCache(config=model.backbone.config)
-        for i, layer in enumerate(model.decoder.layers):
-            cache.update(*prefix_keys_values(layer, vectors[i].to(model.dtype), ropes[i]), i)
         ids, labels, target_real = self.padded_targets(episodes)
         inputs = model.embed(ids, attention_mask=target_real.long())
         positions = torch.arange(start, start + ids.shape[1], device=device).expand(len(episodes), -1)
         mask = torch.cat([prefix_real, target_real], dim=1).long()
-        logits = model.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache,
-                                use_cache=True).logits  # fmt: skip
+        with model.adapters.use("read"):  # this computation's adapter, whatever else runs meanwhile
+            cache = DynamicCache(config=model.backbone.config)
+            for i, layer in enumerate(model.decoder.layers):
+                cache.update(*prefix_keys_values(layer, vectors[i].to(model.dtype), ropes[i]), i)
+            logits = model.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache,
+                                    use_cache=True).logits  # fmt: skip
         loss_sums, counts = summed_losses(logits, labels)
         return self.with_distillation(loss_sums, logits, labels, episodes), counts
 

@@ -1,0 +1,96 @@
+"""Adapters are chosen per call: concurrent reads and writes never see each other's adapter."""
+
+import threading
+
+import torch
+from conftest import make_model, random_ids
+from reference import reference_logits, reference_new_slots
+
+from latentmem.writing import compute_new_slots
+
+ATOL = 1e-5
+
+
+def filled(model, writes=2, seed=0):
+    state = model.new_memory(seed=seed)
+    for i in range(writes):
+        model.inject(state, input_ids=random_ids(24, seed=100 + i))
+    return state
+
+
+def test_the_default_role_does_not_reach_reads_and_writes():
+    model = make_model()
+    state = filled(model)
+    ids = random_ids(6, seed=1)
+    before = state.stm.clone()
+    for role in ("write", "base", "read"):
+        model.adapters.activate(role)  # only calls outside any `use` block follow it
+        torch.testing.assert_close(
+            model(ids, memory=state).logits, reference_logits(model, state.stm, ids), atol=ATOL, rtol=0
+        )
+        got = compute_new_slots(model, state, random_ids(12, seed=4)[0])
+        torch.testing.assert_close(got, reference_new_slots(model, before, random_ids(12, seed=4)), atol=ATOL, rtol=0)
+
+
+def test_use_picks_the_adapter_for_its_block_only():
+    model = make_model()
+    ids = random_ids(5, seed=1)
+    with torch.no_grad():
+        logits = {}
+        for role in ("read", "write", "base"):
+            with model.adapters.use(role):
+                logits[role] = model.backbone(input_ids=ids).logits
+        with model.adapters.use("write"):
+            with model.adapters.use("read"):
+                inner = model.backbone(input_ids=ids).logits
+            outer = model.backbone(input_ids=ids).logits
+        outside = model.backbone(input_ids=ids).logits  # the default role: read
+    assert torch.equal(inner, logits["read"]) and torch.equal(outer, logits["write"])
+    assert torch.equal(outside, logits["read"])
+    assert (logits["write"] - logits["base"]).abs().max() > 1e-3
+    assert (logits["write"] - logits["read"]).abs().max() > 1e-3
+
+
+def test_concurrent_reads_and_writes_equal_sequential_ones():
+    model = make_model()
+    reader_state, writer_state = filled(model, seed=1), filled(model, seed=2)
+    prompts = [random_ids(6, seed=10 + i) for i in range(6)]
+    contexts = [random_ids(24, seed=30 + i) for i in range(6)]
+
+    def reads(state):
+        with torch.no_grad():
+            return [model(ids, memory=state).logits for ids in prompts] + [
+                model.generate(prompts[0], memory=state, max_new_tokens=4, do_sample=False)
+            ]
+
+    def writes(state):
+        for ctx in contexts:
+            model.inject(state, input_ids=ctx)
+        return state.stm.clone()
+
+    # sequentially, on copies of the two states
+    seq_reader, seq_writer = filled(model, seed=1), filled(model, seed=2)
+    want_reads, want_pool = reads(seq_reader), writes(seq_writer)
+
+    results, errors, start = {}, [], threading.Barrier(2)
+
+    def run(name, fn, state):
+        try:
+            start.wait()
+            results[name] = fn(state)
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=run, args=("read", reads, reader_state)),
+        threading.Thread(target=run, args=("write", writes, writer_state)),
+    ]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    for got, want in zip(results["read"], want_reads):
+        if got.dtype == torch.long:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(results["write"], want_pool, atol=ATOL, rtol=0)
