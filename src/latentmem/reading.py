@@ -327,6 +327,18 @@ def _rotate_into(layer, target: torch.Tensor, raw: torch.Tensor, cos: torch.Tens
         rotate_keys_into(layer, target[:, :, s:e], raw[:, :, s:e], cos[:, s:e], sin[:, s:e])
 
 
+def _gather(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, at: int) -> None:
+    """`target[:, :, at + j] = source[:, :, index[j]]`, a chunk of slots at a time.
+
+    Also in place (`target` and `source` one buffer): kept slots only move to lower indices
+    (`index[j] >= at + j`), so a chunk never reads what an earlier chunk wrote, and each chunk is
+    gathered into a small temporary before it is written.
+    """
+    for s in range(0, index.numel(), ROTATE_CHUNK):
+        chunk = index[s : s + ROTATE_CHUNK]
+        target[:, :, at + s : at + s + chunk.numel()] = source.index_select(2, chunk)
+
+
 def _exclusive(entry: tuple[tuple, MemoryPrefix]) -> bool:
     """Whether nobody but the cache holds `entry`'s prefix: no caller keeps it, no read borrows its buffers."""
     # references: the entry tuple and getrefcount's argument (CPython counts them exactly)
@@ -371,13 +383,17 @@ def _next_version(
         unmoved = old_positions is not None and torch.equal(
             positions[i, B : B + kept], old_positions[i, B : B + M][source.to(old_positions.device)]
         )
-        if not (in_place and torch.equal(source, identity[:kept])):
-            index = source.to(device)
-            # the right-hand sides are gathered into temporaries first, so in place is safe
-            raw[:, :, :kept] = old_raw.index_select(2, index)
-            values[:, :, :kept] = old_values[:, :, B : B + M].index_select(2, index)
+        # in place, slots before the first one that moved are where they were already
+        moved = source != identity[:kept]
+        same = int(moved.int().argmax()) if moved.any() else kept
+        if not in_place:
+            same = 0
+        if same < kept:
+            index = source[same:].to(device)
+            _gather(raw, old_raw, index, same)
+            _gather(values, old_values[:, :, B : B + M], index, same)
             if unmoved:
-                keys[:, :, :kept] = old_keys[:, :, B : B + M].index_select(2, index)
+                _gather(keys, old_keys[:, :, B : B + M], index, same)
         if kept < M:
             new_raw, new_values = unrotated_keys_values(layer, state.stm[i : i + 1, kept:].to(dtype))
             raw[:, :, kept:], values[:, :, kept:] = new_raw, new_values
