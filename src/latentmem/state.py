@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 # Provenance id of slots that no injection of this state wrote (an assigned or loaded pool).
 EXTERNAL = -1
-# Pool updates remembered for readers that cache what they derive from the pool (`slot_origins`).
-POOL_LOG = 64
+# Pool updates remembered for readers that cache what they derive from the pool (`slot_origins`):
+# enough for a long text written as several chunks between two reads.
+POOL_LOG = 8
 
 
 @dataclass
@@ -123,7 +124,8 @@ class MemoryState:
         self.initialized = True
         self.touch()
         if survivors is not None:
-            self._pool_log.append((before, self.version, survivors))
+            small = survivors if survivors.stride(0) == 0 else survivors.to(torch.int32)  # shared draws: one row
+            self._pool_log.append((before, self.version, small))
 
     def slot_origins(self, version: int) -> torch.Tensor | None:
         """`[L, N]`: where each slot of the pool sat in the pool of an earlier `version` (-1: written since).
@@ -134,7 +136,7 @@ class MemoryState:
         """
         L, N, _ = self.shape
         chain, current = [], self.version
-        for before, after, survivors in reversed(self._pool_log):
+        for before, after, survivors in reversed(tuple(self._pool_log)):  # a snapshot: writers append
             if current == version:
                 break
             if after != current:
@@ -145,7 +147,7 @@ class MemoryState:
             return None
         origins = torch.arange(N).expand(L, N)
         for survivors in reversed(chain):
-            kept = origins.gather(1, survivors.expand(L, -1))
+            kept = origins.gather(1, survivors.long().expand(L, -1))
             origins = torch.cat([kept, kept.new_full((L, N - kept.shape[1]), -1)], dim=1)
         return origins
 
