@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--memory-positions", choices=MEMORY_POSITIONS,
                         help="read with this memory layout instead of the model's own (see latentmem.positions)")
     parser.add_argument("--retrieval-unit", default="slot", choices=("slot", "write"))
+    parser.add_argument("--write-ranking", default="per_layer", choices=("per_layer", "first_layer"),
+                        help="whole writes ranked per layer (learned retrievers) or once at the first layer (fixed)")
+    parser.add_argument("--write-candidates", type=int, default=1)
     parser.add_argument("--blocks", type=int, help="read with a short-term pool of this many blocks of K slots")
     parser.add_argument("--pin-document", action="store_true", help="keep the document's slots in the short-term pool")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"which reads to score, of {','.join(WAYS)}")
@@ -102,7 +105,8 @@ def main() -> None:
     model = mplus_from(base, num_blocks=base.config.num_blocks + args.ltm_blocks, num_ltm_blocks=args.ltm_blocks,
                        selector_hidden_dim=args.key_dim, retrieved_slots_position=args.retrieved_position,
                        protect_pinned_fraction=0.25 if args.pin_document else 0.0,
-                       retrieval_unit=args.retrieval_unit)  # fmt: skip
+                       retrieval_unit=args.retrieval_unit, write_ranking=args.write_ranking,
+                       write_candidates=args.write_candidates)  # fmt: skip
     del base
     if args.retriever:
         load_retrievers(model, retriever_weights(args.retriever))

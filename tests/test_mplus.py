@@ -290,3 +290,35 @@ def test_reads_with_retrieved_slots_among_short_term_ones_reuse_the_cached_prefi
         again = model(random_ids(6, seed=3), memory=state).logits
     assert len(calls) == 1  # short-term keys/values computed once, gap included, then cached
     torch.testing.assert_close(first, again)
+
+
+def test_write_ranking_loss_scores_writes_by_their_best_slot_and_lifts_the_answering_write_to_first():
+    from latentmem.ltm.retriever import LayerRetriever, retrieval_scores, write_ranking_loss, write_scores
+
+    writes, scores = write_scores(torch.tensor([0.1, 0.7, 0.3, 0.2]), torch.tensor([5, 9, 5, 9]))
+    assert writes.tolist() == [5, 9] and scores.tolist() == pytest.approx([0.3, 0.7])
+
+    torch.manual_seed(0)
+    retriever = LayerRetriever(hidden_size=32, key_dim=8)
+    slots, prompt = torch.randn(60, 32), torch.randn(5, 32)
+    sources = torch.arange(60) // 6  # ten writes of six slots
+    slots[sources == 4] += 0.5 * prompt.mean(0)  # the answering write shares some content with the prompt
+    slots[sources == 7] += 0.4 * prompt.mean(0)  # a hard negative shares almost as much
+
+    def best_write():
+        with torch.no_grad():
+            ids, per_write = write_scores(retrieval_scores(retriever.queries(prompt), retriever.keys(slots)), sources)
+        return ids[per_write.argmax()].item()
+
+    optimizer = torch.optim.Adam(retriever.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        loss = write_ranking_loss(retriever.queries(prompt), retriever.keys(slots), sources, target=4)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    assert best_write() == 4
+    with pytest.raises(ValueError, match="not among"):
+        write_ranking_loss(retriever.queries(prompt), retriever.keys(slots), sources, target=99)

@@ -180,3 +180,32 @@ def test_the_answering_write_is_found_when_retrieval_covers_the_whole_store():
     assert answering_write_found(mplus, question.memory, question.prompt_ids, question.injection_id) == 1.0
     # a write that is not in the store is never found
     assert answering_write_found(mplus, question.memory, question.prompt_ids, 10**6) == 0.0
+
+
+def test_the_write_objective_reads_the_hard_negatives_whole_and_trains_both_sides(monkeypatch):
+    from latentmem.ltm.recall import top_writes
+    from latentmem.training.retriever import question_queries, retriever_step_loss
+
+    _, mplus, tokenizer = small_mplus()
+    q = _question_in_ltm(mplus, tokenizer)
+    memory, args = q.memory, (mplus, q.memory, q.prompt_ids, q.injection_id)
+    queries = question_queries(mplus, memory, q.prompt_ids)
+    rivals = [set(top_writes(memory.ltm, i, queries[i], mplus.config.retrieved_slots, 1).tolist())
+              for i in range(memory.num_layers)]  # fmt: skip
+    read = {}
+    original_get = type(memory.ltm).get
+    def recording_get(self, layer, rows):
+        read[layer] = set(torch.as_tensor(rows).tolist())
+        return original_get(self, layer, rows)
+
+    monkeypatch.setattr(type(memory.ltm), "get", recording_get)
+    loss, recall, _ = retriever_step_loss(*args, negatives=4, generator=torch.Generator().manual_seed(0),
+                                          objective="writes")  # fmt: skip
+    for layer, rows in read.items():
+        assert rivals[layer] <= rows  # every slot the retriever would read now is a negative (or the answer)
+    assert torch.isfinite(loss) and 0 <= recall <= 1
+    loss.backward()
+    for retriever in mplus.retrievers:
+        assert retriever.key_proj[0].weight.grad.abs().sum() > 0 and retriever.query_proj[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="objective"):
+        retriever_step_loss(*args, objective="documents")

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import MPlusConfig
 from .ltm import release
 from .ltm.recall import prefill_with_retrieval
+from .ltm.matching import match_projection, match_vectors
 from .ltm.retriever import LayerRetriever
 from .modeling import MemoryLLM
 from .pool import Evicted
@@ -39,10 +40,26 @@ class MPlus(MemoryLLM):
             LayerRetriever(b.hidden_size, config.selector_hidden_dim, config.num_selector_layers)
             for _ in range(b.num_hidden_layers)
         )
+        if config.write_ranking == "first_layer":  # fixed, so not saved: rebuilt identically (ltm/matching.py)
+            self.register_buffer("match_projection", match_projection(b.hidden_size, config.selector_hidden_dim),
+                                 persistent=False)  # fmt: skip
+
+    def retrieval_keys(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
+        """Long-term keys `[..., h]` of slots already passed through `layer`'s input norm."""
+        if layer == 0 and self.config.write_ranking == "first_layer":
+            return match_vectors(normed, self.match_projection)
+        return self.retrievers[layer].keys(normed)
+
+    def retrieval_queries(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
+        """Retrieval queries `[..., h]` of prompt states already passed through `layer`'s input norm."""
+        if layer == 0 and self.config.write_ranking == "first_layer":
+            return match_vectors(normed, self.match_projection)
+        return self.retrievers[layer].queries(normed)
 
     @property
     def fingerprint(self) -> str:
-        return super().fingerprint + f"-ltm{self.config.selector_hidden_dim}"
+        matched = "-first-layer" if self.config.write_ranking == "first_layer" else ""  # its layer-0 keys differ
+        return super().fingerprint + f"-ltm{self.config.selector_hidden_dim}{matched}"
 
     def new_memory(self, seed: int = 0) -> MemoryState:
         """An empty memory with an empty long-term store."""
@@ -91,7 +108,7 @@ class MPlus(MemoryLLM):
             importance = self._importance(memory, evicted.sources)
             for i, layer in enumerate(self.decoder.layers):
                 slots = evicted.slots[i].to(self.dtype)
-                keys = self.retrievers[i].keys(layer.input_layernorm(slots))
+                keys = self.retrieval_keys(i, layer.input_layernorm(slots))
                 rf, sources = cfg.initial_rf_when_moving_stm_to_ltm, evicted.sources[i]
                 if cfg.release_compatible:
                     ltm.add_pending(i, slots, keys, sources, ages=arrivals[i], frequency=rf, importance=importance[i])

@@ -22,6 +22,7 @@ from ..positions import prompt_start, slot_positions
 from ..prefix import prefix_keys_values
 from ..reading import compute_memory_prefix
 from ..state import MemoryState
+from .matching import rank_writes
 
 if TYPE_CHECKING:
     from ..mplus import MPlus
@@ -45,19 +46,60 @@ def retrieve(
 
     `retrieval_unit="slot"` (the release): the top `count` slots, oldest first. `"write"`: whole
     writes (blocks of slots sharing provenance) ranked by their best slot's score, oldest write first.
+    (`write_ranking="first_layer"` reads through `SharedWrites` instead, see `default_retrieval`.)
     """
-    queries = model.retrievers[layer].queries(normed)
+    queries = model.retrieval_queries(layer, normed)
     if model.config.retrieval_unit == "write":
         indices = top_writes(state.ltm, layer, queries, count, model.config.write_candidates)
-        found = state.ltm.get(layer, indices)
-        order = torch.arange(len(indices))  # already in write order
+        return _read(model, state, layer, indices, in_order=True)
+    indices, _ = state.ltm.search(layer, queries, count)
+    return _read(model, state, layer, indices, in_order=False)
+
+
+def _read(model: "MPlus", state: MemoryState, layer: int, indices: torch.Tensor, in_order: bool):
+    """(slots, sources) at `indices`, oldest first unless already `in_order`; promotes them if configured."""
+    found = state.ltm.get(layer, indices)
+    if in_order:
+        order = torch.arange(len(indices))
     else:
-        indices, _ = state.ltm.search(layer, queries, count)
-        found = state.ltm.get(layer, indices)
         order = torch.argsort(torch.as_tensor(found["ages"]), descending=True, stable=True)  # oldest first
     if model.config.promote_on_retrieval:
         state.ltm.promote(layer, indices, model.config.promote_on_retrieval)
     return torch.as_tensor(found["slots"])[order], torch.as_tensor(found["sources"])[order]
+
+
+class SharedWrites:
+    """One prompt's retrieval under `write_ranking="first_layer"`: the writes are ranked once, at the
+    first layer (`ltm/matching.py`), and every layer then reads those same writes' long-term slots."""
+
+    def __init__(self) -> None:
+        self.ranked: torch.Tensor | None = None
+
+    def __call__(self, model: "MPlus", state: MemoryState, layer: int, normed: torch.Tensor, count: int):
+        if self.ranked is None:
+            if layer != 0:
+                raise RuntimeError("SharedWrites ranks at the first layer: call it for layer 0 first")
+            self.ranked = first_layer_ranking(model, state, normed)
+        chosen = collect_writes(state.ltm, layer, self.ranked, count, per_write=model.config.num_tokens)
+        return _read(model, state, layer, chosen, in_order=True)
+
+
+def first_layer_ranking(model: "MPlus", state: MemoryState, normed: torch.Tensor) -> torch.Tensor:
+    """Writes with long-term slots, best first for a prompt (`normed`: its first layer's input-norm
+    output), judged by their first-layer slots in long- and short-term memory (`rank_writes`)."""
+    first = model.decoder.layers[0]
+    short_term = (model.retrieval_keys(0, first.input_layernorm(state.stm[0].to(model.dtype))), state.sources[0])
+    return rank_writes(state.ltm, 0, model.retrieval_queries(0, normed), match_candidates(model), short_term)
+
+
+def match_candidates(model: "MPlus") -> int:
+    """Slots each prompt token proposes when writes are matched at the first layer (see `rank_writes`)."""
+    return model.config.num_tokens * model.config.write_candidates
+
+
+def default_retrieval(model: "MPlus"):
+    """The retrieval one prompt uses when no `retrieve_fn` is given (a fresh one per prompt)."""
+    return SharedWrites() if model.config.write_ranking == "first_layer" else retrieve
 
 
 WRITES_PER_PASS = 16
@@ -77,6 +119,18 @@ def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates:
     for source, score in zip(sources[positions].tolist(), scores.tolist()):
         best.setdefault(source, score)  # search returns best first
     ranked = sorted(best, key=best.get, reverse=True)
+    return collect_writes(store, layer, ranked, count, fill=positions)
+
+
+def collect_writes(store, layer: int, ranked, count: int, fill: torch.Tensor | None = None,
+                   per_write: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Positions of up to `count` long-term slots of `layer`: the writes `ranked` (best first) whole,
+    the last one cut to fit (its newest slots), then `fill` (default: the newest other slots); in
+    write order. `per_write` caps what one write contributes (its newest slots): a write makes K
+    slots per layer, and more are copies (the first write into an empty pool is tiled over it)."""
+    sources = store.sources(layer)
+    ranked = [int(r) for r in ranked]
+    count = min(count, len(sources))
     taken: list[torch.Tensor] = []
     room, start = count, 0
     while room and start < len(ranked):
@@ -88,12 +142,13 @@ def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates:
         for source in chunk:
             if room == 0:
                 break
-            block = members[owners == source][-room:]  # its newest slots if it must be cut
+            block = members[owners == source][-min(room, per_write or room):]  # its newest slots if cut
             taken.append(block)
             room -= len(block)
     chosen = torch.cat(taken) if taken else torch.empty(0, dtype=torch.long)
     if room:
-        extra = positions[~torch.isin(positions, chosen)][:room]
+        fill = torch.arange(len(sources) - 1, -1, -1) if fill is None else fill
+        extra = fill[~torch.isin(fill, chosen)][:room]
         chosen = torch.cat([chosen, extra])
     # write order: by injection id (ids grow with time), then position in the store (insertion order)
     order = torch.argsort(sources[chosen] * (len(sources) + 1) + chosen)
@@ -118,7 +173,8 @@ def prefill_with_retrieval(
     the slots that answer the prompt in front of the model while the retriever still learns. Called
     through `MPlus.forward`, which first activates the read adapter.
     """
-    retrieve_fn = retrieve_fn or retrieve
+    # a retrieval per prompt row: with write_ranking="first_layer" each row keeps its own ranking
+    row_retrieval = [retrieve_fn or default_retrieval(model) for _ in range(input_ids.shape[0])]
     decoder = model.decoder
     batch, n = input_ids.shape
     hidden = model.embed(input_ids, attention_mask=attention_mask)
@@ -148,7 +204,7 @@ def prefill_with_retrieval(
         heads, head_sources = [], []
         for b in range(batch):
             tokens = normed[b] if real_tokens is None else normed[b, real_tokens[b]]
-            slots, sources = retrieve_fn(model, state, i, tokens, count)
+            slots, sources = row_retrieval[b](model, state, i, tokens, count)
             # long-term slots live in host memory (the store can outgrow the GPU): bring them over
             slots = slots.to(device=hidden.device, dtype=hidden.dtype)
             heads.append(torch.cat([model.bos_embedding[i].to(hidden.dtype), slots]) if num_bos else slots)

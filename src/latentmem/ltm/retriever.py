@@ -61,3 +61,26 @@ def retriever_loss(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Te
     n_pos, n_neg = positive.sum().clamp(min=1), (1 - positive).sum().clamp(min=1)
     weights = positive / n_pos + (1 - positive) / n_neg
     return (F.binary_cross_entropy(probs, positive, reduction="none") * weights).sum() / 2
+
+
+def write_scores(slot_scores: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(write ids `[W]`, each write's score `[W]`): a write scores as its best slot, as `top_writes` ranks them."""
+    writes, owner = torch.unique(sources, return_inverse=True)
+    best = torch.full((len(writes),), float("-inf"), dtype=slot_scores.dtype, device=slot_scores.device)
+    return writes, best.scatter_reduce(0, owner.to(slot_scores.device), slot_scores, reduce="amax")
+
+
+def write_ranking_loss(queries: torch.Tensor, keys: torch.Tensor, sources: torch.Tensor, target: int,
+                       temperature: float = 0.05) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of picking the answering write among the candidate writes (whole-write retrieval).
+
+    Each write scores as its best slot (what `retrieval_unit="write"` ranks by); a softmax over the
+    writes (scores / `temperature`: scores are means of sigmoids, in (0, 1)) is trained towards
+    `target`. Unlike the slot loss, which lifts every positive slot a little, this pushes the
+    answering write above its strongest competitors, which is what a top-few read needs.
+    """
+    writes, scores = write_scores(retrieval_scores(queries, keys), sources)
+    hit = (writes == target).nonzero().flatten()
+    if len(hit) != 1:
+        raise ValueError(f"write {target} is not among the candidate slots' sources")
+    return F.cross_entropy((scores / temperature)[None].float(), hit.to(scores.device))

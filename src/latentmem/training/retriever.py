@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from ..data.filler import FillerStream, filler_paragraphs
 from ..data.synthetic import FactGenerator
-from ..ltm.recall import top_writes
-from ..ltm.retriever import retrieval_scores, retriever_loss
+from ..ltm.recall import collect_writes, first_layer_ranking, top_writes
+from ..ltm.retriever import retrieval_scores, retriever_loss, write_ranking_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
 # Loading lives with the models (inference never imports training); re-exported for older imports.
@@ -82,29 +82,42 @@ def question_queries(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor
     with torch.no_grad():
         out = MemoryLLM.forward(model, prompt_ids[None], memory=memory, output_hidden_states=True, use_cache=False)
     return [
-        model.retrievers[i].queries(layer.input_layernorm(out.hidden_states[i][0]))
+        model.retrieval_queries(i, layer.input_layernorm(out.hidden_states[i][0]))
         for i, layer in enumerate(model.decoder.layers)
     ]
 
 
+OBJECTIVES = ("slots", "writes", "both")
+
+
 def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int,
-                        negatives: int | None = None, generator: torch.Generator | None = None):  # fmt: skip
+                        negatives: int | None = None, generator: torch.Generator | None = None,
+                        objective: str = "slots", temperature: float = 0.05):  # fmt: skip
     """Mean over layers of the retriever loss for a prompt answered by injection `injection_id`.
 
+    `objective`: "slots" (the release: balanced binary cross-entropy of every long-term slot),
+    "writes" (`write_ranking_loss`: the answering write must outrank every other write, each scoring
+    as its best slot, which is how `retrieval_unit="write"` reads) or "both" (their sum).
+
     `negatives`: per layer, score the answer's slots against at most this many other long-term
-    slots drawn at random (None: all of them). The balanced loss averages each class on its own, so
-    a uniform sample of negatives estimates the same loss while reading a bounded number of slots
-    instead of the whole store (whose size grows with the stream). Recall is then measured as a
-    read retrieves: the store's search over its stored keys.
+    slots (None: all of them). The sample is drawn at random, plus (for the write objective) every
+    long-term slot of the writes the current retriever ranks highest: the hard negatives a real
+    read must beat. The balanced loss averages each class on its own, so a uniform sample of
+    negatives estimates the same loss while reading a bounded number of slots instead of the whole
+    store (whose size grows with the stream). Recall is then measured as a read retrieves: the
+    store's search over its stored keys.
 
     Returns (loss, recall of the top R, long-term slots per layer), or None when no layer holds a
     long-term slot of that injection.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     queries = question_queries(model, memory, prompt_ids)
     losses, hits, positives, size = [], 0, 0, 0
     count = model.config.retrieved_slots
     for i, layer in enumerate(model.decoder.layers):
-        positive = memory.ltm.sources(i) == injection_id
+        sources = memory.ltm.sources(i)
+        positive = sources == injection_id
         if not positive.any():  # decided before any slot is read
             continue
         rows = torch.arange(len(positive))
@@ -112,10 +125,20 @@ def retriever_step_loss(model: MPlus, memory: MemoryState, prompt_ids: torch.Ten
         if sampled:
             others = (~positive).nonzero().flatten()
             drawn = others[torch.randperm(len(others), generator=generator)[:negatives]]
-            rows = torch.cat([positive.nonzero().flatten(), drawn]).sort().values
+            rows = torch.cat([positive.nonzero().flatten(), drawn])
+            if objective != "slots":  # hard negatives: whole writes the retriever now puts first
+                with torch.no_grad():
+                    rivals = top_writes(memory.ltm, i, queries[i].detach(), count, model.config.write_candidates)
+                rows = torch.cat([rows, rivals])
+            rows = rows.unique()  # sorted
         slots = memory.ltm.get(i, rows)["slots"].to(device=model.device, dtype=model.dtype)
-        keys = model.retrievers[i].keys(layer.input_layernorm(slots))
-        losses.append(retriever_loss(queries[i], keys, positive[rows].to(model.device)))
+        keys = model.retrieval_keys(i, layer.input_layernorm(slots))
+        loss = 0.0
+        if objective != "writes":
+            loss = retriever_loss(queries[i], keys, positive[rows].to(model.device))
+        if objective != "slots":
+            loss = loss + write_ranking_loss(queries[i], keys, sources[rows], injection_id, temperature)
+        losses.append(loss)
         with torch.no_grad():
             if sampled:
                 top, _ = memory.ltm.search(i, queries[i], count)
@@ -206,6 +229,8 @@ def train_retriever(
     log=None,
     max_seconds: float | None = None,
     negatives: int | None = None,
+    objective: str = "slots",
+    temperature: float = 0.05,
     **stream_options,
 ) -> list[RetrieverStep]:
     """Train `model.retrievers` in place on `batch_size` question streams; returns the per-step record.
@@ -216,7 +241,8 @@ def train_retriever(
     of the questions are asked right after their document's write, so answering fresh memories
     keeps being practised. Otherwise everything but the retrievers is frozen.
     `log(record)` receives each step's numbers. `max_seconds` stops training early (a time budget).
-    `negatives` bounds the slots each question's loss reads per layer (see `retriever_step_loss`).
+    `negatives` bounds the slots each question's loss reads per layer; `objective` picks the loss
+    (slots, writes or both) and `temperature` the write softmax's (see `retriever_step_loss`).
     """
     model.requires_grad_(train_lm)
     model.retrievers.requires_grad_(True)
@@ -243,7 +269,7 @@ def train_retriever(
             loss = None
             if question.in_ltm:
                 result = retriever_step_loss(model, question.memory, question.prompt_ids, question.injection_id,
-                                             negatives, generator)  # fmt: skip
+                                             negatives, generator, objective, temperature)  # fmt: skip
                 if result is not None:
                     loss, recall, size = result[0], result[1], max(size, result[2])
                     recalls.append(recall)
@@ -291,14 +317,21 @@ def evaluate_retriever(model: MPlus, tokenizer, questions: int = 40, seed: int =
 @torch.no_grad()
 def answering_write_found(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int) -> float:
     """Share of layers (among those holding long-term slots of the answering write) whose retrieval of
-    whole writes (`top_writes`, as `retrieval_unit="write"` reads) brings that write back."""
+    whole writes (as `retrieval_unit="write"` reads: `top_writes` per layer, or the writes ranked once
+    at the first layer with `write_ranking="first_layer"`) brings that write back."""
     queries = question_queries(model, memory, prompt_ids)
+    count = model.config.retrieved_slots
+    if model.config.write_ranking == "first_layer":
+        normed = model.decoder.layers[0].input_layernorm(model.embed(prompt_ids[None])[0])
+        ranked = first_layer_ranking(model, memory, normed)
+        chosen_per_layer = [collect_writes(memory.ltm, i, ranked, count, per_write=model.config.num_tokens)
+                            for i in range(memory.num_layers)]  # fmt: skip
+    else:
+        chosen_per_layer = [top_writes(memory.ltm, i, queries[i].detach(), count, model.config.write_candidates)
+                            for i in range(memory.num_layers)]  # fmt: skip
     found = []
-    for i in range(len(model.decoder.layers)):
+    for i, chosen in enumerate(chosen_per_layer):
         sources = memory.ltm.sources(i)
-        if not (sources == injection_id).any():
-            continue
-        chosen = top_writes(memory.ltm, i, queries[i].detach(), model.config.retrieved_slots,
-                            model.config.write_candidates)  # fmt: skip
-        found.append(bool((sources[chosen] == injection_id).any()))
+        if (sources == injection_id).any():
+            found.append(bool((sources[chosen] == injection_id).any()))
     return sum(found) / max(1, len(found))
