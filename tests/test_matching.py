@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mplus import filled, make_mplus
 
 from latentmem.config import MPlusConfig
 from latentmem.ltm.matching import match_projection, match_vectors, rank_writes
 from latentmem.ltm.store import LongTermStore
-from test_mplus import filled, make_mplus
 
 
 def test_the_projection_is_fixed_forever_because_saved_memories_hold_keys_made_with_it():

@@ -170,7 +170,7 @@ class LocalStore(ObjectStore):
             _fsync_dir(path.parent)
             stat = path.stat()
             info = {"version": self._version(stat), "generation": generation, "meta": dict(meta or {})}
-            _write_atomic(path.with_name(path.name + self.META), json.dumps(info).encode())
+            write_atomic(path.with_name(path.name + self.META), json.dumps(info).encode())
             return Head(self._version(stat), generation, stat.st_size, stat.st_mtime, dict(meta or {}))
 
     def list(self, prefix: str) -> list[str]:
@@ -198,7 +198,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file beside it, then a rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..persistence import GENERATION, MemoryFileError, ltm_path, read_manifest
 from ..state import MemoryState
-from ..store import ObjectStore, StaleVersion, open_store
+from ..store import ObjectStore, StaleVersion, open_store, write_atomic
 from .auth import NAME_PATTERN
 from .states import DEFAULT_SESSION, SUFFIX, DamagedState, Slot, StateRegistry, UnknownSession, _reason
 
@@ -241,11 +241,4 @@ def _unpack(path: Path, data: bytes) -> None:
 
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)

@@ -32,9 +32,15 @@ from ..ltm.recall import collect_writes, first_layer_ranking, top_writes
 from ..ltm.retriever import retrieval_scores, retriever_loss, write_ranking_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
+
 # Loading lives with the models (inference never imports training); re-exported for older imports.
 from ..presets.retrievers import (  # noqa: F401
-    RETRIEVER_FIELDS, RETRIEVER_FILE, UNUSED_RETRIEVER_PART, load_retrievers, mplus_from, mplus_with_retrievers,
+    RETRIEVER_FIELDS,
+    RETRIEVER_FILE,
+    UNUSED_RETRIEVER_PART,
+    load_retrievers,
+    mplus_from,
+    mplus_with_retrievers,
     retriever_config,
 )
 from ..state import MemoryState
