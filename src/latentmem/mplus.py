@@ -165,14 +165,14 @@ class MPlus(MemoryLLM):
                 memory, previous_token_ids=previous_token_ids, **kwargs,
             )  # fmt: skip
         self.check_state(memory)
-        self.adapters.activate("read")
         if input_ids is None:
             raise ValueError("M+ retrieval needs input_ids (not inputs_embeds)")
         if cache is None or cache.get_seq_length() == 0:
-            return prefill_with_retrieval(
-                self, memory, input_ids, attention_mask, position_ids, count, labels, logits_to_keep, use_cache,
-                retrieve_fn=retrieve_fn,
-            )  # fmt: skip
+            with self.adapters.use("read"):
+                return prefill_with_retrieval(
+                    self, memory, input_ids, attention_mask, position_ids, count, labels, logits_to_keep, use_cache,
+                    retrieve_fn=retrieve_fn,
+                )  # fmt: skip
         # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
         prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)

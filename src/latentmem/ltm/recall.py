@@ -171,7 +171,7 @@ def prefill_with_retrieval(
 
     `retrieve_fn` (same signature as `retrieve`) replaces the retriever, e.g. in training, to put
     the slots that answer the prompt in front of the model while the retriever still learns. Called
-    through `MPlus.forward`, which first activates the read adapter.
+    through `MPlus.forward`, which computes it with the read adapter.
     """
     # a retrieval per prompt row: with write_ranking="first_layer" each row keeps its own ranking
     row_retrieval = [retrieve_fn or default_retrieval(model) for _ in range(input_ids.shape[0])]
