@@ -15,8 +15,8 @@ are simply unknown, with the same 404 as a name nobody used.
     GET    /v1/sessions, /v1/models, /health
 
 One model serves every state: reads and writes of one state are serialised by the state's lock
-(states.py), and reads and writes of different states take turns on the model (gate.py), a long
-injection one chunk at a time. Every request is checked whole before anything is written: a
+(states.py), and reads and writes of different states share the model, up to a fixed number of
+calls at once (gate.py; each call selects its own adapter), a long injection one chunk at a time. Every request is checked whole before anything is written: a
 refused request leaves the memory on disk as it was. Every failure is a JSON error (errors.py):
 4xx for what the request got wrong (409 for a session whose file was found damaged: reset or
 import replaces it), 507 for a full disk.
@@ -83,7 +83,7 @@ def create_app(
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
-    `max_parallel`: model calls (all reads or all writes) that may run at once; more wait in line.
+    `max_parallel`: model calls (reads and writes alike) that may run at once; more wait in line.
     `max_inject_tokens`: the longest text one inject request may write (413 over it).
     `body_timeout`: seconds a client has to send a request's whole body (408 after).
     `store`: keep the states in a shared object store (an fsspec URL such as `s3://bucket/prefix`,
