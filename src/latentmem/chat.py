@@ -263,6 +263,14 @@ class ChatSession:
         self._slide(keep=2)
         return reply
 
+    def add_exchange(self, user: str, assistant: str) -> None:
+        """Record an exchange that was not generated here (a scripted or imported one) and slide the
+        window as `send` does: what leaves it is written into memory."""
+        self.window.append(Turn("user", user))
+        self._slide(keep=1)
+        self.window.append(Turn("assistant", assistant.strip()))
+        self._slide(keep=2)
+
     def remember(self, text: str, source: str | None = None) -> list[int]:
         """Write a text straight into memory (the `/remember` command). Returns the injection ids."""
         return self._write(memory_ids(self.tokenizer, text), source or self.source, allow_short=True)

@@ -513,5 +513,47 @@ def eval_stream(
     )  # fmt: skip
 
 
+@eval_app.command("chat")
+def eval_chat(
+    model_path: str = MODEL,
+    methods: str = typer.Option("memory,window,replay,rag", help="Comma-separated: memory (the chat loop: window + writes of turns that leave it), window (the window alone), replay (whole history, cut to the context), rag (window + 3 retrieved past turns; needs the eval extra)."),
+    dataset: str = typer.Option("notes", help="synthetic or notes: the facts the user tells in the first turns."),
+    facts: int = typer.Option(20, min=1, help="Facts told one per turn at the start; each is asked at the end."),
+    turns: int = typer.Option(60, min=0, help="Turns of other conversation between the facts and the questions."),
+    window: int = typer.Option(1024, min=1, help="Tokens of recent turns kept in the prompt (as `latentmem chat --window`)."),
+    replies: str = typer.Option("ack", help="The assistant's turns before the questions: ack (a fixed acknowledgement, cheap; default) or generate (each method's own replies)."),
+    reply_tokens: int = typer.Option(24, min=1, help="Length of a generated reply (--replies generate)."),
+    buckets: str = typer.Option("20,40,60,80,100,150", help="Report accuracy by turns since the fact, up to each of these."),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(40, min=1, help="Answer length for every method (long enough to finish)."),
+    out: Path = typer.Option(Path("eval-chat"), "--out", help="Folder for results.json, results.csv, retention.png, table.md."),
+) -> None:
+    """A scripted conversation through the real chat loop: facts told early, asked after many turns."""
+    import warnings
+
+    from .evaluation import run_chat
+
+    if dataset not in ("notes", "synthetic"):
+        _fail(f"--dataset must be notes or synthetic, got {dataset!r}")
+    edges = _comma_ints(buckets, "--buckets")
+    model, tokenizer = _load(model_path)
+    with warnings.catch_warnings(record=True):  # a skipped method is reported below instead
+        warnings.simplefilter("always")
+        _run_evaluation(
+            lambda: _noting_skips(run_chat(
+                model, tokenizer, _names(methods), n_facts=facts, turns=turns, out_dir=out, window_tokens=window,
+                dataset=dataset, replies=replies, reply_tokens=reply_tokens, buckets=edges, seed=seed,
+                max_new_tokens=max_new_tokens,
+            )),
+            at=tuple(edges),
+        )  # fmt: skip
+
+
+def _noting_skips(result):
+    for name, why in result.config.get("skipped", {}).items():
+        typer.echo(f"skipped {name}: {why}", err=True)
+    return result
+
+
 if __name__ == "__main__":  # `python -m latentmem.cli ...`, e.g. under torchrun
     app()

@@ -9,7 +9,10 @@ from pathlib import Path
 from .protocol import RetentionResult
 
 
-def write_results(result: RetentionResult, out_dir: str | Path, at: tuple[int, ...] | None = None) -> dict[str, Path]:
+def write_results(
+    result: RetentionResult, out_dir: str | Path, at: tuple[int, ...] | None = None,
+    xlabel: str = "distractors after the context",
+) -> dict[str, Path]:  # fmt: skip
     """results.json (config, summary, peak memory, records), results.csv (records),
     retention.png and table.md (accuracy at the distractor counts `at`) in `out_dir`; returns their paths."""
     out = Path(out_dir)
@@ -30,12 +33,12 @@ def write_results(result: RetentionResult, out_dir: str | Path, at: tuple[int, .
             writer.writerows(result.records)
     else:
         paths["csv"].write_text("")
-    plot_retention(summary, paths["png"])
+    plot_retention(summary, paths["png"], xlabel=xlabel)
     paths["md"].write_text(markdown_table(result, **({"at": at} if at else {})) + "\n")
     return paths
 
 
-def plot_retention(summary: dict, path: str | Path) -> Path:
+def plot_retention(summary: dict, path: str | Path, xlabel: str = "distractors after the context") -> Path:
     """Exact-hit accuracy vs distractors (left) and vs tokens injected (right), one line per method."""
     import matplotlib
 
@@ -48,7 +51,7 @@ def plot_retention(summary: dict, path: str | Path) -> Path:
         accuracy = [rows[n]["exact"] for n in ns]
         left.plot(ns, accuracy, marker="o", label=method)
         right.plot([rows[n]["tokens_injected"] for n in ns], accuracy, marker="o", label=method)
-    left.set(xlabel="distractors after the context", ylabel="exact hit", ylim=(-0.02, 1.02), title="retention")
+    left.set(xlabel=xlabel, ylabel="exact hit", ylim=(-0.02, 1.02), title="retention")
     right.set(xlabel="tokens injected", ylim=(-0.02, 1.02), title="retention vs tokens")
     for ax in (left, right):
         ax.grid(alpha=0.3)
