@@ -176,3 +176,14 @@ def test_rag_is_skipped_with_a_clear_message_without_the_eval_extra(tiny, monkey
         result = run_chat(*tiny, ["window", "rag"], n_facts=1, turns=1, window_tokens=200, max_new_tokens=2,
                           progress=False)  # fmt: skip
     assert result.config["methods"] == ["window"] and "faiss" in result.config["skipped"]["rag"]
+
+
+def test_generated_replies_send_every_line_through_the_chat_loop(tiny, monkeypatch):
+    model, tokenizer = tiny
+    lengths = []
+    send = ChatSession.send
+    monkeypatch.setattr(ChatSession, "send", lambda self, text, *a, **k: lengths.append(self.max_new_tokens)
+                        or send(self, text, *a, **k))  # fmt: skip
+    result, script = run([MemoryChat(model, tokenizer, 200)], turns=2, replies="generate", reply_tokens=2)
+    assert lengths == [2] * len(script.lines) + [3] * 3  # filler replies, then the answers
+    assert result.config["replies"] == "generate" and result.config["reply_tokens"] == 2
