@@ -34,6 +34,7 @@ import time
 
 import torch
 import transformers
+from bench_read import randomize_memory_weights  # a sibling script: benchmarks/ is on sys.path when run
 from transformers import LlamaConfig
 
 from latentmem import MemoryLLM, MemoryLLMConfig
@@ -98,13 +99,7 @@ def build_model(args) -> MemoryLLM:
         lora={"r": args.lora_r, "lora_alpha": 4 * args.lora_r, "lora_dropout": 0.0, "target_modules": TARGET_MODULES},
         add_decoder_lora=True, memory_positions=args.positions,
     )  # fmt: skip
-    model = MemoryLLM(config).to(torch.float32).eval()
-    g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "bos_embedding" in name or "new_memory_positional_emb" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_memory_weights(MemoryLLM(config).to(torch.float32).eval(), args.seed)
 
 
 def rss_kib(field: str) -> int:

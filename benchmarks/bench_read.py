@@ -99,9 +99,12 @@ def build_model(args: argparse.Namespace) -> MemoryLLM:
         add_decoder_lora=True,  # two adapters: `default` writes, `decoder_adapter` reads
         min_context_tokens=1,
     )
-    model = MemoryLLM(config).to(torch.float32).eval()
-    # LoRA B starts at zero; give adapters and memory embeddings non-trivial values (as tests do).
-    g = torch.Generator().manual_seed(args.seed)
+    return randomize_memory_weights(MemoryLLM(config).to(torch.float32).eval(), args.seed)
+
+
+def randomize_memory_weights(model: MemoryLLM, seed: int) -> MemoryLLM:
+    """LoRA B starts at zero; give adapters and memory embeddings non-trivial values (as tests do)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or "bos_embedding" in name or "new_memory_positional_emb" in name:

@@ -77,3 +77,18 @@ def model() -> MemoryLLM:
 
 def random_ids(n: int, seed: int = 0, vocab: int = SMALL["vocab_size"]) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def written(monkeypatch, tiny):
+    """The text of every write the module's `tiny` model receives (each test module defines `tiny`)."""
+    model, tokenizer = tiny
+    texts: list[str] = []
+    inject = model.inject
+
+    def spy(state, input_ids=None, **kwargs):
+        texts.append(tokenizer.decode(input_ids))
+        return inject(state, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "inject", spy)
+    return texts

@@ -29,21 +29,6 @@ def tiny():
     return untrained_model(hidden_size=64, num_layers=2, num_tokens=8, num_blocks=4)
 
 
-@pytest.fixture
-def written(monkeypatch, tiny):
-    """The text of every write the model receives."""
-    model, tokenizer = tiny
-    texts: list[str] = []
-    inject = model.inject
-
-    def spy(state, input_ids=None, **kwargs):
-        texts.append(tokenizer.decode(input_ids))
-        return inject(state, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(model, "inject", spy)
-    return texts
-
-
 def session(tiny, **options) -> ChatSession:
     model, tokenizer = tiny
     return ChatSession(model, tokenizer, model.new_memory(seed=0), max_new_tokens=4, **options)

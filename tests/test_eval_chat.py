@@ -38,21 +38,6 @@ def facts(n: int) -> list[Sample]:
                    id=f"fact-{i}") for i in range(n)]  # fmt: skip
 
 
-@pytest.fixture
-def writes(monkeypatch, tiny):
-    """The text of every write the model receives."""
-    model, tokenizer = tiny
-    texts: list[str] = []
-    inject = model.inject
-
-    def spy(state, input_ids=None, **kwargs):
-        texts.append(tokenizer.decode(input_ids))
-        return inject(state, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(model, "inject", spy)
-    return texts
-
-
 def run(methods, n_facts=3, turns=6, **options):
     script = chat_script(facts(n_facts), turns, seed=0, filler=FILLER, words=(10, 14))
     return run_chat_stream(methods, facts(n_facts), turns, max_new_tokens=3, progress=False, script=script,
@@ -68,7 +53,7 @@ def test_the_script_tells_facts_first_then_filler_then_asks_every_fact(tiny):
     assert script.turns_after(3, 0) == 5 and script.turns_after(0, 2) == 3 + 5 + 2
 
 
-def test_memory_runs_the_chat_loop_and_writes_exactly_the_turns_that_left_the_window(tiny, writes, monkeypatch):
+def test_memory_runs_the_chat_loop_and_writes_exactly_the_turns_that_left_the_window(tiny, written, monkeypatch):
     model, tokenizer = tiny
     sent, added = [], []
     send, add = ChatSession.send, ChatSession.add_exchange
@@ -86,16 +71,16 @@ def test_memory_runs_the_chat_loop_and_writes_exactly_the_turns_that_left_the_wi
     # every turn that left the window was written, role-tagged, in order; the rest was not
     written_turns = stats["turns_written"]
     assert written_turns == left - len(session.pending) and written_turns >= 2
-    joined, at = "".join(writes), 0
+    joined, at = "".join(written), 0
     for role, text in turns[:written_turns]:
         at = joined.index(f"{role.title()}: {text}", at)
     if written_turns < len(turns) and turns[written_turns][0] == "user":
         assert turns[written_turns][1] not in joined
-    assert len(writes) == session.memory.write_count == stats["writes"] > 0
+    assert len(written) == session.memory.write_count == stats["writes"] > 0
     assert all(r["method"] == "memory" for r in result.records) and len(result.records) == 3
 
 
-def test_the_window_never_writes_and_keeps_the_same_window_as_memory(tiny, writes):
+def test_the_window_never_writes_and_keeps_the_same_window_as_memory(tiny, written):
     model, tokenizer = tiny
     memory, window = MemoryChat(model, tokenizer, 200), WindowChat(model, tokenizer, 200)
     memory.start(0), window.start(0)
@@ -103,11 +88,11 @@ def test_the_window_never_writes_and_keeps_the_same_window_as_memory(tiny, write
         memory.exchange(text, ACK)
         window.exchange(text, ACK)
     assert window.session.window == memory.session.window  # the same turns in the prompt
-    before = len(writes)
+    before = len(written)
     assert before > 0  # memory wrote what left its window ...
     window.send("What is the code of locker 1?", 3)
     result, _ = run([WindowChat(model, tokenizer, 200)])
-    assert len(writes) == before  # ... the window method never writes
+    assert len(written) == before  # ... the window method never writes
     assert result.config["sessions"]["window"]["turns_left_window"] > 0
 
 
