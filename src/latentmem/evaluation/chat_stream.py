@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..chat import ChatSession, Turn, role_tagged
 from .long_stream import bucket_of
 from .methods import LM, Answer, Embedder, RAGMethod
-from .protocol import PeakMemory, RetentionResult, Sample, exact_hit, qa_f1
+from .protocol import PeakMemory, RetentionResult, Sample, answer_record
 
 DEFAULT_BUCKETS = (20, 40, 60, 80, 100, 150)
 DEFAULT_METHODS = ("memory", "window", "replay", "rag")
@@ -284,14 +284,9 @@ def run_chat_stream(
                 reply = method.send(sample.question, max_new_tokens)
                 peak.sample()
                 after = script.turns_after(fact, asked)
-                result.records.append({
-                    "method": method.name, "sample": sample.id, "distractors": bucket_of(after, buckets),
-                    "turns_after": after, "exact": exact_hit(reply.text, sample.answers),
-                    "f1": qa_f1(reply.text, sample.answers), "tokens_injected": told,
-                    "prompt_tokens": reply.prompt_tokens, "latency_s": reply.latency_s,
-                    "prediction": reply.text, "answer": sample.answers[0] if sample.answers else "",
-                })  # fmt: skip
-        result.peak_memory[method.name] = {"rss_mb": peak.rss_mb, "heap_mb": peak.heap_mb, "cuda_mb": peak.cuda_mb}
+                result.records.append(answer_record(method.name, sample, reply, distractors=bucket_of(after, buckets),
+                                                    tokens_injected=told, turns_after=after))  # fmt: skip
+        result.peak_memory[method.name] = peak.as_dict()
         result.config["sessions"][method.name] = method.stats()
         if on_method_done is not None:
             on_method_done(result)

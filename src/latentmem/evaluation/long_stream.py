@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from tqdm.auto import tqdm
 
 from .methods import Method
-from .protocol import PeakMemory, RetentionResult, Sample, exact_hit, qa_f1
+from .protocol import PeakMemory, RetentionResult, Sample, answer_record
 
 DEFAULT_BUCKETS = (10, 50, 200, 1000)
 
@@ -79,14 +79,9 @@ def run_long_stream(
                 reply = method.answer(fact.question)
                 peak.sample()
                 after = length - 1 - where[index]
-                result.records.append({
-                    "method": method.name, "sample": fact.id, "distractors": bucket_of(after, buckets),
-                    "writes_after": after, "exact": exact_hit(reply.text, fact.answers),
-                    "f1": qa_f1(reply.text, fact.answers), "tokens_injected": total_tokens,
-                    "prompt_tokens": reply.prompt_tokens, "latency_s": reply.latency_s,
-                    "prediction": reply.text, "answer": fact.answers[0] if fact.answers else "",
-                })  # fmt: skip
-        result.peak_memory[method.name] = {"rss_mb": peak.rss_mb, "heap_mb": peak.heap_mb, "cuda_mb": peak.cuda_mb}
+                result.records.append(answer_record(method.name, fact, reply, distractors=bucket_of(after, buckets),
+                                                    tokens_injected=total_tokens, writes_after=after))  # fmt: skip
+        result.peak_memory[method.name] = peak.as_dict()
         if on_method_done is not None:
             on_method_done(result)
     return result

@@ -90,6 +90,10 @@ class PeakMemory:
     def sample(self) -> None:
         self.rss_mb = max(self.rss_mb, _rss_mb())
 
+    def as_dict(self) -> dict[str, float]:
+        """The peaks as `RetentionResult.peak_memory` keeps them."""
+        return {"rss_mb": self.rss_mb, "heap_mb": self.heap_mb, "cuda_mb": self.cuda_mb}
+
     def __exit__(self, *exc) -> None:
         self.heap_mb = tracemalloc.get_traced_memory()[1] / 2**20
         if self.started:
@@ -185,22 +189,29 @@ def run_protocol(
                     for record in records:
                         result.records.append(record)
                         bar.update()
-            result.peak_memory[method.name] = {"rss_mb": peak.rss_mb, "heap_mb": peak.heap_mb, "cuda_mb": peak.cuda_mb}
+            result.peak_memory[method.name] = peak.as_dict()
             if on_method_done is not None:
                 on_method_done(result)
     return result
+
+
+def answer_record(method_name: str, sample: Sample, reply, *, distractors: int, tokens_injected: int,
+                  **extra) -> dict:  # fmt: skip
+    """One scored answer (`reply`: the method's `Answer`), as every evaluation mode records it;
+    `distractors` is the checkpoint or bucket it is reported under, `extra` mode-specific fields."""
+    return {
+        "method": method_name, "sample": sample.id, "distractors": distractors, **extra,
+        "exact": exact_hit(reply.text, sample.answers), "f1": qa_f1(reply.text, sample.answers),
+        "tokens_injected": tokens_injected, "prompt_tokens": reply.prompt_tokens, "latency_s": reply.latency_s,
+        "prediction": reply.text, "answer": sample.answers[0] if sample.answers else "",
+    }  # fmt: skip
 
 
 def _run_sample(method, sample, checkpoints, position, seed, warmup, count_tokens, peak):
     def ask(n: int, injected: int) -> dict:
         reply = method.answer(sample.question)
         peak.sample()
-        return {
-            "method": method.name, "sample": sample.id, "distractors": n, "position": position,
-            "exact": exact_hit(reply.text, sample.answers), "f1": qa_f1(reply.text, sample.answers),
-            "tokens_injected": injected, "prompt_tokens": reply.prompt_tokens, "latency_s": reply.latency_s,
-            "prediction": reply.text, "answer": sample.answers[0] if sample.answers else "",
-        }  # fmt: skip
+        return answer_record(method.name, sample, reply, distractors=n, tokens_injected=injected, position=position)
 
     warm = sample.distractors[len(sample.distractors) - warmup :] if warmup else ()
 
