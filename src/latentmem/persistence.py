@@ -23,10 +23,8 @@ import base64
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
-from .ltm.files import fsync_dir, replacement_mode
+from .ltm.files import replacement_mode, write_atomic
 from .state import EXTERNAL, Injection, MemoryState
 
 if TYPE_CHECKING:
@@ -105,21 +103,12 @@ def save_state(state: MemoryState, path: str | Path) -> None:
     manifest["manifest_checksum"] = _manifest_checksum(manifest)
     payload = save_bytes(tensors, metadata={"manifest": json.dumps(manifest)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600: give it the mode of the file it replaces, or the umask's.
-        os.chmod(tmp, replacement_mode(path, 0o666))
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    try:  # the mode of the file it replaces, or the umask's (mkstemp would make it 0600)
+        write_atomic(path, payload, mode=replacement_mode(path, 0o666))  # fsynced, and the rename too
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         if "ltm" in manifest:
             shutil.rmtree(ltm_path(path, manifest["ltm"]), ignore_errors=True)
         raise
-    fsync_dir(path.parent)  # make the rename itself durable
     _remove_stale_generations(path, keep=manifest.get("ltm"))
 
 

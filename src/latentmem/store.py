@@ -29,13 +29,13 @@ there is no safe fencing (a lease needs one too, to be taken safely).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .ltm.files import write_atomic
 
 
 class StaleVersion(RuntimeError):
@@ -157,20 +157,10 @@ class LocalStore(ObjectStore):
             if (None if current is None else self._version(current)) != expected:
                 raise StaleVersion(key, expected)
             generation = (self._head(path, current).generation if current else 0) + 1
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            _fsync_dir(path.parent)
+            write_atomic(path, data)  # durable: fsynced, then the folder
             stat = path.stat()
             info = {"version": self._version(stat), "generation": generation, "meta": dict(meta or {})}
-            write_atomic(path.with_name(path.name + self.META), json.dumps(info).encode())
+            write_atomic(path.with_name(path.name + self.META), json.dumps(info).encode(), durable=False)
             return Head(self._version(stat), generation, stat.st_size, stat.st_mtime, dict(meta or {}))
 
     def list(self, prefix: str) -> list[str]:
@@ -185,29 +175,6 @@ class LocalStore(ObjectStore):
             for name in names
             if not name.startswith(".") and not name.endswith(self.META) and (folder / name).is_file()
         )
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some file systems cannot fsync a folder
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all (a temporary file beside it, then a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- S3 and S3-compatible stores -----------------------------------------------------------------

@@ -194,6 +194,29 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
+    """Write `data` to `path` whole or not at all: a temporary file beside it, then a rename.
+
+    `durable`: fsync the file before the rename and the folder after it (a crash keeps either the
+    old or the new file, never neither). `mode`: the file's permissions (mkstemp creates 0600).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
 def fsync_dir(folder: Path) -> None:
     # Make renames and new entries durable. Best effort: some systems cannot fsync a folder.
     try:

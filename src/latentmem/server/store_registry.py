@@ -34,9 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..ltm.files import write_atomic
 from ..persistence import GENERATION, MemoryFileError, ltm_path, read_manifest
 from ..state import MemoryState
-from ..store import ObjectStore, StaleVersion, open_store, write_atomic
+from ..store import ObjectStore, StaleVersion, open_store
 from .auth import NAME_PATTERN
 from .states import DEFAULT_SESSION, SUFFIX, DamagedState, Slot, StateRegistry, UnknownSession, _reason
 
@@ -241,4 +242,4 @@ def _unpack(path: Path, data: bytes) -> None:
 
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
+    write_atomic(path, data, durable=False)  # a cache of the store: losing it costs a download
