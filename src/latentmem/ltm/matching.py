@@ -22,6 +22,7 @@ tokens lift every write about equally.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,16 +47,18 @@ def match_vectors(normed: torch.Tensor, projection: torch.Tensor) -> torch.Tenso
 
 
 def rank_writes(store, layer: int, queries: torch.Tensor, per_token: int,
-                short_term: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+                short_term: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                ) -> torch.Tensor:  # fmt: skip
     """Injection ids of the writes with long-term slots in `layer`, best first, scored by late
     interaction with `queries [n, h]` (unit rows, one per prompt token).
 
     Candidates are the writes owning some prompt token's top `per_token` slots (the store's search,
     so its approximate index serves large stores); every long-term slot of a candidate is then
     scored exactly, so a candidate's score does not depend on which of its slots the search found.
-    `short_term`: (match vectors `[N, h]`, injection ids `[N]`) of the same layer's short-term slots,
-    which then count as evidence too: a write evicted only in part is judged by all its slots
-    (the rest of it is read from the short-term pool anyway).
+    `short_term`: (injection ids `[N]` of the same layer's short-term slots, a function giving the
+    match vectors `[n, h]` of the slots a boolean mask `[N]` selects): the candidates' short-term
+    slots then count as evidence too, so a write evicted only in part is judged by all its slots.
+    Only those slots are projected (the pool is far larger than a few candidates' share of it).
     """
     sources = store.sources(layer)
     if len(sources) == 0:
@@ -65,11 +68,12 @@ def rank_writes(store, layer: int, queries: torch.Tensor, per_token: int,
     candidates = torch.unique(sources[hits])
     members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), candidates.numpy())))
     keys, owners = store.get(layer, members)["keys"].float(), sources[members]
-    if short_term is not None:  # only writes that still have long-term slots can be retrieved
-        vectors, stm_sources = short_term
-        kept = torch.isin(stm_sources.cpu(), torch.unique(sources))
-        keys = torch.cat([keys, vectors.detach().float().cpu()[kept]])
-        owners = torch.cat([owners, stm_sources.cpu()[kept]])
+    if short_term is not None:
+        stm_sources, vectors_of = short_term
+        kept = torch.isin(stm_sources.cpu(), candidates)
+        if kept.any():
+            keys = torch.cat([keys, vectors_of(kept).detach().float().cpu()])
+            owners = torch.cat([owners, stm_sources.cpu()[kept]])
     similarity = keys @ queries.T  # [slots, tokens]
     writes, owner = torch.unique(owners, return_inverse=True)
     best = torch.full((len(writes), len(queries)), -math.inf)

@@ -88,7 +88,12 @@ def first_layer_ranking(model: "MPlus", state: MemoryState, normed: torch.Tensor
     """Writes with long-term slots, best first for a prompt (`normed`: its first layer's input-norm
     output), judged by their first-layer slots in long- and short-term memory (`rank_writes`)."""
     first = model.decoder.layers[0]
-    short_term = (model.retrieval_keys(0, first.input_layernorm(state.stm[0].to(model.dtype))), state.sources[0])
+
+    def short_term_vectors(mask: torch.Tensor) -> torch.Tensor:  # only the candidates' slots are projected
+        slots = state.stm[0][mask.to(state.stm.device)].to(model.dtype)
+        return model.retrieval_keys(0, first.input_layernorm(slots))
+
+    short_term = (state.sources[0], short_term_vectors)
     return rank_writes(state.ltm, 0, model.retrieval_queries(0, normed), match_candidates(model), short_term)
 
 

@@ -325,14 +325,14 @@ def answering_write_found(model: MPlus, memory: MemoryState, prompt_ids: torch.T
     """Share of layers (among those holding long-term slots of the answering write) whose retrieval of
     whole writes (as `retrieval_unit="write"` reads: `top_writes` per layer, or the writes ranked once
     at the first layer with `write_ranking="first_layer"`) brings that write back."""
-    queries = question_queries(model, memory, prompt_ids)
     count = model.config.retrieved_slots
-    if model.config.write_ranking == "first_layer":
+    if model.config.write_ranking == "first_layer":  # needs only the prompt's embeddings, no read
         normed = model.decoder.layers[0].input_layernorm(model.embed(prompt_ids[None])[0])
         ranked = first_layer_ranking(model, memory, normed)
         chosen_per_layer = [collect_writes(memory.ltm, i, ranked, count, per_write=model.config.num_tokens)
                             for i in range(memory.num_layers)]  # fmt: skip
     else:
+        queries = question_queries(model, memory, prompt_ids)
         chosen_per_layer = [top_writes(memory.ltm, i, queries[i].detach(), count, model.config.write_candidates)
                             for i in range(memory.num_layers)]  # fmt: skip
     found = []
