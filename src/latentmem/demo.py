@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,12 +124,7 @@ def notes_tour(model: MemoryLLM, tokenizer, distractors: int = TOUR_DISTRACTORS,
     left = memory.surviving_slots().get(next(iter(memory.injections_from("notes"))), 0) / L
     echo(f"  {left:.0f} of the notes' {N} slots per layer are still in the pool")
     scores[f"after {distractors} distractor writes"] = ask(memory, f"asked after {distractors} distractor writes")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "memory.safetensors"
-        memory.save(path)
-        loaded = MemoryState.load(path, model)
-        same = torch.equal(loaded.stm, memory.stm)
-        echo(f"saved the memory to a file ({path.stat().st_size / 1e6:.1f} MB) and loaded it again: identical = {same}")
+    with reloaded(model, memory, echo) as loaded:
         scores["after saving and reloading"] = ask(loaded, "asked the reloaded memory")
     echo("remembered: " + ", ".join(f"{n}/{len(NOTES)} {when}" for when, n in scores.items()))
     return memory
@@ -174,10 +171,19 @@ def tiny_tour(model: MemoryLLM, tokenizer, distractors: int = 40, echo=print) ->
                  f"(expected {own * (1 - K / N) ** i:5.1f})")  # fmt: skip
         if i in ASK_AFTER:
             ask(f"asked after {i} distractor passages")
+    with reloaded(model, memory, echo):
+        pass
+    return memory
+
+
+@contextmanager
+def reloaded(model, memory: MemoryState, echo) -> Iterator[MemoryState]:
+    """`memory` saved to a temporary file and loaded again (alive inside the block: an M+ state
+    maps its long-term store from the file's folder)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "memory.safetensors"
         memory.save(path)
         loaded = MemoryState.load(path, model)
         same = torch.equal(loaded.stm, memory.stm)
-        echo(f"saved and reloaded the memory ({path.stat().st_size / 1e6:.1f} MB): identical = {same}")
-    return memory
+        echo(f"saved the memory to a file ({path.stat().st_size / 1e6:.1f} MB) and loaded it again: identical = {same}")
+        yield loaded
