@@ -75,6 +75,7 @@ class MemoryState:
         # (version before, version after, survivors [L, N-k]) of the latest writes, see `slot_origins`
         self._pool_log: deque[tuple[int, int, torch.Tensor]] = deque(maxlen=POOL_LOG)
         self.ltm = None  # M+ long-term memory (a LongTermStore), None for MemoryLLM
+        self._journal = None  # persistence.py: the journaled file this state was last saved to or loaded from
 
     # --- the pool -------------------------------------------------------------------------
     @property
@@ -188,11 +189,15 @@ class MemoryState:
         )
 
     # --- persistence (see persistence.py) -------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write the state atomically to one `.safetensors` file (tensors + JSON manifest)."""
+    def save(self, path: str | Path, *, slot_dtype: str | None = None, journal: bool = False) -> None:
+        """Write the state atomically to one `.safetensors` file (tensors + JSON manifest).
+
+        `slot_dtype="int8"`: slots stored as int8 with a scale each (lossy). `journal=True`: a save
+        after writes appends only what changed to `<path>.journal` (see `persistence.save_state`).
+        """
         from .persistence import save_state
 
-        save_state(self, path)
+        save_state(self, path, slot_dtype=slot_dtype, journal=journal)
 
     @classmethod
     def load(cls, path: str | Path, model: "MemoryLLM | None" = None) -> "MemoryState":

@@ -4,6 +4,7 @@ Layout under the data directory:
 
     states/<user>/<session>.safetensors            one MemoryState per (user, session), `MemoryState.save`
     states/<user>/<session>.safetensors.damaged    a file that failed its checks, set aside
+    states/<user>/<session>.safetensors.journal    the writes since the file, with `journal=True`
     index.sqlite3                                  (user, session) -> file, write count, injections, times
 
 The files are the truth; the index is derived from them (rebuilt from the files' manifests at
@@ -82,8 +83,20 @@ class Slot:
 
 
 class StateRegistry:
-    def __init__(self, model: MemoryLLM, data_dir: str | Path, *, max_loaded: int = 64):
+    def __init__(
+        self,
+        model: MemoryLLM,
+        data_dir: str | Path,
+        *,
+        max_loaded: int = 64,
+        journal: bool = False,
+        slot_dtype: str | None = None,
+    ):
         self.model = model
+        # How states are saved (persistence.save_state): `journal` appends each write's change to
+        # `<file>.journal` instead of rewriting the file; `slot_dtype="int8"` stores slots as int8.
+        # Off by default: an export sends the state file alone, which needs the journal folded in first.
+        self.journal, self.slot_dtype = journal, slot_dtype
         self.root = Path(data_dir)
         (self.root / "states").mkdir(parents=True, exist_ok=True)
         self.max_loaded = max_loaded
@@ -284,7 +297,7 @@ class StateRegistry:
 
     def _save(self, user: str, session: str, state: MemoryState) -> None:
         path = self.path(user, session)
-        state.save(path)
+        state.save(path, journal=self.journal, slot_dtype=self.slot_dtype)
         self._index(user, session, {"write_count": state.write_count, "injections": state.injections}, path)
 
     def _evict(self) -> None:
