@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from latentmem.ltm import LongTermStore
-from latentmem.ltm.recall import top_writes
+from latentmem.ltm.matching import rank_writes
+from latentmem.ltm.recall import collect_writes, top_writes
 
 
 # --- memory probes (Linux /proc) ------------------------------------------------------------------
@@ -133,6 +134,11 @@ def worker(args, n: int) -> dict:
     writes_from = "ivf" if "ivf" in stores else "exact"
     searches[f"{writes_from}, whole writes"] = lambda queries: top_writes(stores[writes_from], 0, queries, k, 1)
     result["methods"][f"{writes_from}, whole writes"] = {"build_s": None, "resident_mb": 0.0, "note": "writes"}
+    # write_ranking="first_layer": every prompt token's own top K slots propose writes (one per-row
+    # search), the candidates are scored by late interaction and read whole (K slots each)
+    searches[f"{writes_from}, token writes"] = lambda queries: collect_writes(
+        stores[writes_from], 0, rank_writes(stores[writes_from], 0, queries, 256, max_writes=4 * k // 256), k, per_write=256)
+    result["methods"][f"{writes_from}, token writes"] = {"build_s": None, "resident_mb": 0.0, "note": "first_layer"}
 
     times = {name: [] for name in searches}
     found = {name: [] for name in searches}
@@ -199,12 +205,12 @@ def run_worker(argv: list[str]) -> dict:
 def report_size(r: dict) -> None:
     full = r["methods"]["full scan"]["median_ms"]
     print(f"\n{r['size']:,} slots/layer (worker peak RSS {r['worker_peak_mb']:,.0f} MB)")
-    print(f"  {'method':<18} {'search ms':>10} {'speed-up':>9} {'recall@k':>9} {'write found':>11} {'build s':>8} "
+    print(f"  {'method':<20} {'search ms':>10} {'speed-up':>9} {'recall@k':>9} {'write found':>11} {'build s':>8} "
           f"{'resident MB':>12} {'search peak MB':>15}  note")  # fmt: skip
     for name, m in r["methods"].items():
         build = f"{m['build_s']:.1f}" if m["build_s"] is not None else "-"
         found = f"{m['write_found']:.2f}" if "write_found" in m else "-"
-        print(f"  {name:<18} {m['median_ms']:>10.2f} {full / m['median_ms']:>8.1f}x {m['recall']:>9.3f} {found:>11} "
+        print(f"  {name:<20} {m['median_ms']:>10.2f} {full / m['median_ms']:>8.1f}x {m['recall']:>9.3f} {found:>11} "
               f"{build:>8} {m['resident_mb']:>12,.0f} {m['search_peak_mb']:>15,.1f}  {m['note']}")  # fmt: skip
 
 
@@ -264,15 +270,18 @@ def main() -> None:
     )
 
     print("\nacceptance")
-    for kind in args.indexes:
+    for kind in [*args.indexes, next(name for name in largest["methods"] if name.endswith("token writes"))]:
         m = largest["methods"].get(kind)
         if m is None:
             print(f"  {kind}: not run at {largest['size']:,} (see --hnsw-max-size)")
             continue
         speed = largest["methods"]["full scan"]["median_ms"] / m["median_ms"]
+        # slot searches answer to the exact top k; whole-write ranking to finding the write asked about
+        metric, value = ("write found", m.get("write_found", 0.0)) if m["note"] == "first_layer" else (
+            f"recall@{args.k}", m["recall"])  # fmt: skip
         print(f"  {kind} at {largest['size']:,} slots/layer: {speed:.1f}x faster than the full scan (target >= 20x: "
-              f"{'PASS' if speed >= 20 else 'FAIL'}), recall@{args.k} {m['recall']:.3f} (target >= 0.9: "
-              f"{'PASS' if m['recall'] >= 0.9 else 'FAIL'})")  # fmt: skip
+              f"{'PASS' if speed >= 20 else 'FAIL'}), {metric} {value:.3f} (target >= 0.9: "
+              f"{'PASS' if value >= 0.9 else 'FAIL'})")  # fmt: skip
     small = opened["open_rss_mb"] < 0.05 * opened["arrays_mb"]
     print(f"  open {opened['size']:,}-slot store: {opened['open_s'] * 1e3:.1f} ms (target < 1 s: "
           f"{'PASS' if opened['open_s'] < 1 else 'FAIL'}), +{opened['open_rss_mb']:.1f} MB resident vs "

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=None, help="negative slots sampled per layer (default: all)")
     parser.add_argument("--retrieval-unit", default="slot", choices=("slot", "write"))
     parser.add_argument("--write-candidates", type=int, default=1, help="candidate factor of whole-write search")
-    parser.add_argument("--write-ranking", default="per_layer", choices=("per_layer", "first_layer"),
+    parser.add_argument("--write-ranking", default="per_layer", choices=("per_layer", "first_layer", "tokens"),
                         help="rank writes per layer (learned) or once at the first layer (fixed matching)")
     parser.add_argument("--eval-questions", type=int, default=0, help="held-out retrieval check afterwards (0: none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--memory-positions", choices=MEMORY_POSITIONS,
                         help="read with this memory layout instead of the model's own (see latentmem.positions)")
     parser.add_argument("--retrieval-unit", default="slot", choices=("slot", "write"))
-    parser.add_argument("--write-ranking", default="per_layer", choices=("per_layer", "first_layer"),
+    parser.add_argument("--write-ranking", default="per_layer", choices=("per_layer", "first_layer", "tokens"),
                         help="whole writes ranked per layer (learned retrievers) or once at the first layer (fixed)")
     parser.add_argument("--write-candidates", type=int, default=1)
     parser.add_argument("--blocks", type=int, help="read with a short-term pool of this many blocks of K slots")

@@ -198,6 +198,39 @@ def test_approximate_search_recalls_at_least_90_percent_of_the_true_top_k(kind):
     assert np.mean(recalls) >= 0.9, recalls
 
 
+def test_search_each_returns_every_query_rows_own_brute_force_top_k_in_one_pass():
+    store = filled(n_writes=30, k=200, layers=1)  # 6k merged slots ...
+    store.add_pending(0, rows(5, D, 7), rows(5, H, 8) * 4, ids(99, 99, 99, 99, 99), ages=torch.zeros(5), frequency=1.0)
+    store.remove_sources([3, 17])  # ... with holes, plus pending slots searched after them
+    keys = store.get(0, torch.arange(store.size(0) + store.pending_size(0)))["keys"]
+    queries = rows(6, H, 9)
+    found = store.search_each(0, queries, 25)
+    assert found.shape == (6, 25)
+    assert found.tolist() == torch.topk(queries.double() @ keys.double().T, 25, dim=1).indices.tolist()
+    assert store.search_each(0, queries[:0], 25).shape == (0, 0)
+    assert store.search_each(0, queries, 10**6).shape == (6, len(keys))  # k beyond the layer: all of it
+    with pytest.raises(ValueError, match="queries must be a tensor"):
+        store.search_each(0, queries[:, :3], 5)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_search_each_through_an_index_finds_each_rows_top_k_and_no_deleted_slot(kind):
+    centres, keys = clustered(8192, 32)
+    store = LongTermStore(1, D, 32, index=kind)
+    store.search_settings.min_size = 2000
+    store.add(0, torch.zeros(len(keys), D), keys, torch.arange(len(keys)) // 64)
+    queries = torch.stack([centres[5 * j] * 3 for j in range(8)])  # each row asks for another group
+    store.search_each(0, queries, 50)  # builds the index
+    store.remove_sources([5])
+    found = store.search_each(0, queries, 50)
+    assert store._layers[0].index.index is not None
+    live = store.get(0, torch.arange(store.size(0)))["keys"]
+    truth = torch.topk(queries @ live.T, 50, dim=1).indices
+    recall = np.mean([len(set(f.tolist()) & set(t.tolist())) / 50 for f, t in zip(found, truth)])
+    assert recall >= 0.9, recall
+    assert not (store.get(0, found.reshape(-1))["sources"] == 5).any()
+
+
 @pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
 def test_search_never_returns_duplicates_or_deleted_slots(kind):
     centres, keys = clustered(4096, 32)

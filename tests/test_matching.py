@@ -42,6 +42,8 @@ def test_writes_rank_by_late_interaction_every_prompt_token_counts():
     ranked = rank_writes(store, 0, e[[0, 1]], per_token=8)  # every write a candidate: a full order
     assert ranked.tolist()[:2] == [1, 2] and sorted(ranked.tolist()) == [1, 2, 3, 4]
     assert rank_writes(LongTermStore(1, 6, 6, dtype=torch.float32), 0, e[[0]], per_token=4).numel() == 0
+    # max_writes: only the best candidates by the slots found are scored in full and ranked
+    assert rank_writes(store, 0, e[[0, 1]], per_token=8, max_writes=2).tolist() == [1, 2]
 
 
 def test_config_refuses_first_layer_ranking_of_single_slots():
@@ -64,7 +66,7 @@ def test_first_layer_keys_are_match_vectors_and_every_layer_reads_the_writes_ran
 
     rankings, reads = [], []
     original_rank, original_collect = recall.rank_writes, recall.collect_writes
-    monkeypatch.setattr(recall, "rank_writes", lambda *a: rankings.append(original_rank(*a)) or rankings[-1])
+    monkeypatch.setattr(recall, "rank_writes", lambda *a, **kw: rankings.append(original_rank(*a, **kw)) or rankings[-1])
     monkeypatch.setattr(recall, "collect_writes", lambda store, layer, ranked, count, fill=None, per_write=None:
                         reads.append((layer, ranked)) or original_collect(store, layer, ranked, count, fill, per_write))  # fmt: skip
     ids = torch.randint(3, 60, (1, 7))

@@ -206,6 +206,9 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         """Short-term slots that random drops should spare (none in MemoryLLM)."""
         return None
 
+    def note_write(self, memory: MemoryState, injection_id: int, token_ids: torch.Tensor) -> None:
+        """Called before a write's pool update with its token ids (MemoryLLM keeps no index of them)."""
+
     def after_write(self, memory: MemoryState, evicted) -> None:
         """Called after every pool update with the evicted slots (MemoryLLM lets them go)."""
 

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import MPlusConfig
 from .ltm import release
 from .ltm.recall import prefill_with_retrieval
-from .ltm.matching import match_projection, match_vectors
+from .ltm.matching import distinct_first, match_projection, match_vectors
 from .ltm.retriever import LayerRetriever
 from .modeling import MemoryLLM
 from .pool import Evicted
@@ -40,7 +40,7 @@ class MPlus(MemoryLLM):
             LayerRetriever(b.hidden_size, config.selector_hidden_dim, config.num_selector_layers)
             for _ in range(b.num_hidden_layers)
         )
-        if config.write_ranking == "first_layer":  # fixed, so not saved: rebuilt identically (ltm/matching.py)
+        if config.write_ranking != "per_layer":  # fixed, so not saved: rebuilt identically (ltm/matching.py)
             self.register_buffer("match_projection", match_projection(b.hidden_size, config.selector_hidden_dim),
                                  persistent=False)  # fmt: skip
 
@@ -56,9 +56,26 @@ class MPlus(MemoryLLM):
             return match_vectors(normed, self.match_projection)
         return self.retrievers[layer].queries(normed)
 
+    def token_match_vectors(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Match vectors `[n, h]` of tokens `[n]` (`write_ranking="tokens"`): each token's own
+        embedding (no token shift: a token must match itself in any context) through the first
+        layer's input norm and the fixed projection."""
+        ids = token_ids.reshape(-1).to(self.decoder.embed_tokens.weight.device)
+        normed = self.decoder.layers[0].input_layernorm(self.decoder.embed_tokens(ids))
+        return match_vectors(normed, self.match_projection).cpu()
+
+    @torch.no_grad()
+    def note_write(self, memory: MemoryState, injection_id: int, token_ids: torch.Tensor) -> None:
+        """Index a write's distinct tokens for `write_ranking="tokens"` (other rankings: nothing to do)."""
+        if self.config.write_ranking != "tokens":
+            return
+        ids = token_ids.reshape(-1).cpu()
+        first = distinct_first(ids)
+        memory.ltm.add_write_tokens(injection_id, self.token_match_vectors(ids[first]))
+
     @property
     def fingerprint(self) -> str:
-        matched = "-first-layer" if self.config.write_ranking == "first_layer" else ""  # its layer-0 keys differ
+        matched = {"first_layer": "-first-layer", "tokens": "-tokens"}.get(self.config.write_ranking, "")
         return super().fingerprint + f"-ltm{self.config.selector_hidden_dim}{matched}"
 
     def new_memory(self, seed: int = 0) -> MemoryState:
@@ -119,6 +136,9 @@ class MPlus(MemoryLLM):
                 ltm.merge_pending(cfg.decay_frequency, keep_more_than=cfg.retrieved_slots)
             else:
                 ltm.decay(cfg.decay_frequency)
+        if cfg.write_ranking == "tokens":  # a write with no slot left anywhere can no longer be read
+            alive = [memory.sources.reshape(-1).cpu()] + [ltm.sources(i) for i in range(memory.num_layers)]
+            ltm.keep_write_tokens(torch.unique(torch.cat(alive)))
 
     @staticmethod
     def _importance(memory: MemoryState, sources: torch.Tensor) -> torch.Tensor:

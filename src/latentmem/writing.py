@@ -166,16 +166,20 @@ def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: l
 
 
 def store_slots(
-    model: MemoryLLM, state: MemoryState, new: torch.Tensor, injection_id: int, context_tokens: int
+    model: MemoryLLM, state: MemoryState, new: torch.Tensor, injection_id: int, context: torch.Tensor | int
 ) -> None:
     """Put one write's new slots into `state`'s pool, as every write does: random drops sparing the
     model's protected slots, then the model's `after_write` (M+: evicted slots into long-term memory).
 
-    `context_tokens`: the written context's length n; of the k new slots, the first k - n (if any)
-    re-ran old slots and keep their provenance (`write_slots`).
+    `context`: the written token ids `[n]` (or only their count n, for a model that does not index
+    what it writes: `MPlus.note_write`); of the k new slots, the first k - n (if any) re-ran old
+    slots and keep their provenance (`write_slots`).
     """
+    if isinstance(context, torch.Tensor):
+        model.note_write(state, injection_id, context)
+        context = context.numel()
     protected = model.protected_slots(state)
-    recomputed = max(0, new.shape[1] - context_tokens)
+    recomputed = max(0, new.shape[1] - context)
     per_layer = model.config.drop_memory_per_layer
     evicted = write_slots(state, new, injection_id, per_layer, protected=protected, recomputed=recomputed)
     model.after_write(state, evicted)
@@ -248,7 +252,7 @@ def inject(
     slots = 0
     for chunk in chunks:
         new = compute_new_slots(model, state, chunk.to(model.device))
-        store_slots(model, state, new, injection.id, chunk.numel())
+        store_slots(model, state, new, injection.id, chunk)
         slots += new.shape[1]
     return InjectionResult(injection.id, len(chunks), ids.numel(), slots)
 
@@ -272,5 +276,5 @@ def inject_batch(
     injections = [state.record_injection(source, c.numel()) for state, c in zip(states, contexts)]
     written = compute_slots_batch(model, states, contexts)
     for state, context, new, injection in zip(states, contexts, written, injections):
-        store_slots(model, state, new, injection.id, context.numel())
+        store_slots(model, state, new, injection.id, context)
     return [injection.id for injection in injections]

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .store import LongTermStore
 
 FORMAT = "latentmem.long_term_store"
-FORMAT_VERSION = 2  # 2: pending slots, release_reads, stm_ages (1 is read as having none)
+FORMAT_VERSION = 3  # 2: pending slots, release_reads, stm_ages (1 is read as having none); 3: token keys
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 COPY_CHUNK = 65536  # rows copied per step when writing a table (bounded memory for any size)
@@ -64,6 +64,7 @@ def save_store(store: LongTermStore, path: Path) -> None:
         pending = [_write_layer(memory, tmp / f"layer_{i:03d}" / "pending") for i, memory in enumerate(store._pending)]
         if store.stm_ages is not None:
             _write_array(tmp / "stm_ages.npy", np.ascontiguousarray(store.stm_ages, dtype=np.int64))
+        tokens = _write_layer(store._tokens, tmp / "tokens") if store._tokens.size else None
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -79,18 +80,23 @@ def save_store(store: LongTermStore, path: Path) -> None:
             "pending": pending,
             "release_reads": store.release_reads,
             "stm_ages": store.stm_ages is not None,
+            "tokens": tokens,  # None: no token keys (stores saved before they existed have no entry)
         }
         manifest["manifest_checksum"] = _manifest_checksum(manifest)
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        for folder in [tmp / f"layer_{i:03d}" / part for i in range(store.num_layers) for part in ("pending", "")] + [tmp]:
+        folders = [tmp / f"layer_{i:03d}" / part for i in range(store.num_layers) for part in ("pending", "")]
+        for folder in folders + ([tmp / "tokens"] if tokens else []) + [tmp]:
             fsync_dir(folder)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # Continue from the saved files: the big tables are now read from disk, not held in RAM.
-    for i, memory in enumerate(store._layers + store._pending):
-        folder = path / f"layer_{i % store.num_layers:03d}" / ("pending" if i >= store.num_layers else "")
+    saved = [(memory, path / f"layer_{i % store.num_layers:03d}" / ("pending" if i >= store.num_layers else ""))
+             for i, memory in enumerate(store._layers + store._pending)]  # fmt: skip
+    if tokens:
+        saved.append((store._tokens, path / "tokens"))
+    for memory, folder in saved:
         memory.slots.rebase(read_randomly(np.load(folder / "slots.npy", mmap_mode="r")))
         memory.keys.rebase(np.load(folder / "keys.npy", mmap_mode="r"))
         memory.rows = Column(np.int64, np.arange(memory.size, dtype=np.int64))
@@ -257,6 +263,8 @@ def open_store(cls: type[LongTermStore], path: Path, *, mmap: bool = True) -> Lo
     store.release_reads = manifest.get("release_reads", False)
     if manifest.get("stm_ages"):
         store.stm_ages = np.load(path / "stm_ages.npy")
+    if manifest.get("tokens"):
+        _open_layer(store._tokens, manifest["tokens"], path / "tokens", mmap)
     return store
 
 

@@ -85,6 +85,33 @@ def exact_scores(layer: LayerMemory, queries_t: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def row_top_k(layer: LayerMemory, queries_t: torch.Tensor, k: int, positions: np.ndarray | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each query's own top k slots of `layer` by q . key: (values, positions), both `[q, k]`, best
+    first. Over `positions` only (sorted candidates) or every slot, chunk by chunk (bounded memory:
+    a running top k per query is merged with each chunk's)."""
+    if positions is not None:
+        logits = as_tensor(layer.gather_keys(positions)) @ queries_t  # [m, q]
+        top = torch.topk(logits, min(k, len(positions)), dim=0)
+        return top.values.T, torch.from_numpy(positions)[top.indices.T]
+    best = None
+    for start in range(0, layer.size, SCORE_CHUNK):
+        stop = min(layer.size, start + SCORE_CHUNK)
+        logits = as_tensor(layer.keys_at_range(start, stop)) @ queries_t
+        top = torch.topk(logits, min(k, stop - start), dim=0)
+        chunk = (top.values.T, top.indices.T + start)
+        best = chunk if best is None else merge_row_top_k(best, chunk, k)
+    return best
+
+
+def merge_row_top_k(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The top k per row of two (values, positions) `[q, *]` candidate sets."""
+    values, positions = torch.cat([a[0], b[0]], dim=1), torch.cat([a[1], b[1]], dim=1)
+    top = torch.topk(values, min(k, values.shape[1]), dim=1)
+    return top.values, torch.gather(positions, 1, top.indices)
+
+
 def _faiss():
     try:
         import faiss

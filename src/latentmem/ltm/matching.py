@@ -17,6 +17,16 @@ searched with the same projection in any later process (`tests/test_matching.py`
 Score: late interaction (ColBERT's MaxSim): score(write) = sum over prompt tokens t of the best
 cosine between t and the write's slots. A rare token shared with one write lifts that write; common
 tokens lift every write about equally.
+
+Ranking by tokens (`write_ranking="tokens"`): where the first layer's slots do not keep their
+tokens (SmolLM2: a write's K slots are its last K tokens after one layer, so a note's first fact
+often has no slot of its own), a write is keyed by every distinct token it holds (the same fixed
+projection of the token's first-layer input), and scores like lexical retrieval: the sum, over
+distinct prompt tokens it contains (cosine >= TOKEN_MATCH: the same token), of the token's inverse
+document frequency among the writes in memory. Common words then weigh nothing and a rare shared
+name decides. Measured on `smollm2-135m-mplus` (60 held-out notes among 180 English passages, 88
+chat-formatted questions): the answering write ranks first for 0.84 and in the top 4 for 0.97,
+against 0.01-0.10 from its first-layer slots and 0.15 / 0.28 from unweighted token matching.
 """
 
 from __future__ import annotations
@@ -28,7 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+TOKEN_COMMON = 128  # a prompt token found in this many writes or more weighs nothing (and bounds the search)
 MATCH_SEED = 2_402_046  # never change: stored keys of saved memories were made with it
+# Same token: distinct tokens' projected embeddings stay well below this cosine (measured: 0.85
+# already let near tokens in, ranking the answering write first for 0.45 instead of 0.84).
+TOKEN_MATCH = 0.95
 
 
 def match_projection(hidden_size: int, key_dim: int) -> torch.Tensor:
@@ -48,35 +62,82 @@ def match_vectors(normed: torch.Tensor, projection: torch.Tensor) -> torch.Tenso
 
 def rank_writes(store, layer: int, queries: torch.Tensor, per_token: int,
                 short_term: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                ) -> torch.Tensor:  # fmt: skip
+                max_writes: int | None = None) -> torch.Tensor:  # fmt: skip
     """Injection ids of the writes with long-term slots in `layer`, best first, scored by late
     interaction with `queries [n, h]` (unit rows, one per prompt token).
 
-    Candidates are the writes owning some prompt token's top `per_token` slots (the store's search,
+    Candidates are the writes owning some prompt token's top `per_token` slots (the store's per-row search,
     so its approximate index serves large stores); every long-term slot of a candidate is then
     scored exactly, so a candidate's score does not depend on which of its slots the search found.
     `short_term`: (injection ids `[N]` of the same layer's short-term slots, a function giving the
     match vectors `[n, h]` of the slots a boolean mask `[N]` selects): the candidates' short-term
     slots then count as evidence too, so a write evicted only in part is judged by all its slots.
     Only those slots are projected (the pool is far larger than a few candidates' share of it).
+    `max_writes`: only the candidates best by the slots the search found are scored in full (and
+    ranked), which bounds the work however many writes the prompt's tokens touch.
     """
     sources = store.sources(layer)
     if len(sources) == 0:
         return torch.empty(0, dtype=torch.long)
     queries = queries.detach().float().cpu()
-    hits = torch.cat([store.search(layer, row[None], per_token)[0] for row in queries])
+    hits = store.search_each(layer, queries, per_token)  # [tokens, k]: one pass for every prompt token
     candidates = torch.unique(sources[hits])
+    if max_writes is not None and len(candidates) > max_writes:
+        found = (store.keys(layer, hits.reshape(-1)).view(*hits.shape, -1) * queries[:, None]).sum(-1)
+        candidates = candidates[torch.topk(_late_interaction(found.T, sources[hits].T, candidates), max_writes).indices]
     members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), candidates.numpy())))
-    keys, owners = store.get(layer, members)["keys"].float(), sources[members]
+    keys, owners = store.keys(layer, members), sources[members]
     if short_term is not None:
         stm_sources, vectors_of = short_term
         kept = torch.isin(stm_sources.cpu(), candidates)
         if kept.any():
             keys = torch.cat([keys, vectors_of(kept).detach().float().cpu()])
             owners = torch.cat([owners, stm_sources.cpu()[kept]])
-    similarity = keys @ queries.T  # [slots, tokens]
-    writes, owner = torch.unique(owners, return_inverse=True)
-    best = torch.full((len(writes), len(queries)), -math.inf)
-    best = best.scatter_reduce(0, owner[:, None].expand_as(similarity), similarity, reduce="amax")
-    order = torch.argsort(best.sum(dim=1), descending=True, stable=True)
+    writes = torch.unique(owners)
+    order = torch.argsort(_late_interaction(keys @ queries.T, owners, writes), descending=True, stable=True)
     return writes[order]
+
+
+def _late_interaction(similarity: torch.Tensor, owners: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
+    """Score `[len(writes)]` of sorted `writes`: the sum over tokens of the best similarity among a
+    write's slots (`similarity [slots, tokens]`, `owners`: each slot's write, same shape or `[slots]`)."""
+    owner = torch.searchsorted(writes, owners)
+    # contiguous: scatter_reduce over an expanded (stride-0) index is ~40x slower on CPU (measured)
+    owner = owner[:, None].expand_as(similarity).contiguous() if owner.ndim == 1 else owner.contiguous()
+    best = torch.full((len(writes), similarity.shape[1]), -math.inf).scatter_reduce(0, owner, similarity, reduce="amax")
+    return best.clamp(min=-1.0).sum(dim=1)  # a token none of a write's found slots matched counts as -1
+
+
+def distinct_first(token_ids: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each distinct id in `token_ids [n]`, in order of appearance."""
+    _, inverse = torch.unique(token_ids, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(token_ids), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(token_ids)), reduce="amin")
+    return torch.sort(first).values
+
+
+def rank_writes_by_tokens(store, queries: torch.Tensor, per_token: int) -> torch.Tensor:
+    """Injection ids of the indexed writes sharing a token with the prompt, best first (`queries
+    [n, h]`: the prompt tokens' match vectors; see the module doc). A token found in `per_token` or
+    more writes counts as common (weight 0), which also keeps the search per token bounded."""
+    sources = store.token_sources()
+    if len(sources) == 0 or len(queries) == 0:
+        return torch.empty(0, dtype=torch.long)
+    queries = torch.unique(queries.detach().float().cpu(), dim=0)  # a repeated prompt token counts once
+    hits = store.search_tokens(queries, per_token)  # [q, k]
+    similarity = (store.token_keys(hits.reshape(-1)).view(*hits.shape, -1) * queries[:, None]).sum(-1)
+    matched = similarity >= TOKEN_MATCH
+    writes_total = len(torch.unique(sources))
+    scores: dict[int, float] = {}
+    for row, row_matched in zip(hits, matched):
+        owners = torch.unique(sources[row[row_matched]])
+        if len(owners) == 0 or bool(row_matched.all()) and hits.shape[1] >= per_token:
+            continue  # absent, or in at least per_token writes: common
+        df = len(owners)
+        idf = math.log((writes_total - df + 0.5) / (df + 0.5))
+        if idf <= 0:
+            continue
+        for owner in owners.tolist():
+            scores[owner] = scores.get(owner, 0.0) + idf
+    ranked = sorted(scores, key=lambda w: (-scores[w], -w))  # ties: the newer write first
+    return torch.tensor(ranked, dtype=torch.long)

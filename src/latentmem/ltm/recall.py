@@ -22,7 +22,7 @@ from ..positions import prompt_start, slot_positions
 from ..prefix import prefix_keys_values
 from ..reading import compute_memory_prefix
 from ..state import MemoryState
-from .matching import rank_writes
+from .matching import TOKEN_COMMON, rank_writes, rank_writes_by_tokens
 
 if TYPE_CHECKING:
     from ..mplus import MPlus
@@ -69,17 +69,24 @@ def _read(model: "MPlus", state: MemoryState, layer: int, indices: torch.Tensor,
 
 
 class SharedWrites:
-    """One prompt's retrieval under `write_ranking="first_layer"`: the writes are ranked once, at the
-    first layer (`ltm/matching.py`), and every layer then reads those same writes' long-term slots."""
+    """One prompt's retrieval under `write_ranking="first_layer"` or `"tokens"`: the writes are
+    ranked once, at the first layer (`ltm/matching.py`), and every layer then reads those same
+    writes' long-term slots. `prompt_ids` (the prompt's real tokens) are what "tokens" ranks by."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_ids: torch.Tensor | None = None) -> None:
         self.ranked: torch.Tensor | None = None
+        self.prompt_ids = prompt_ids
 
     def __call__(self, model: "MPlus", state: MemoryState, layer: int, normed: torch.Tensor, count: int):
         if self.ranked is None:
             if layer != 0:
                 raise RuntimeError("SharedWrites ranks at the first layer: call it for layer 0 first")
-            self.ranked = first_layer_ranking(model, state, normed)
+            if model.config.write_ranking == "tokens":
+                if self.prompt_ids is None:
+                    raise ValueError('write_ranking="tokens" ranks by the prompt\'s token ids: pass prompt_ids')
+                self.ranked = token_ranking(model, state, self.prompt_ids)
+            else:
+                self.ranked = first_layer_ranking(model, state, normed)
         chosen = collect_writes(state.ltm, layer, self.ranked, count, per_write=model.config.num_tokens)
         return _read(model, state, layer, chosen, in_order=True)
 
@@ -94,7 +101,13 @@ def first_layer_ranking(model: "MPlus", state: MemoryState, normed: torch.Tensor
         return model.retrieval_keys(0, first.input_layernorm(slots))
 
     short_term = (state.sources[0], short_term_vectors)
-    return rank_writes(state.ltm, 0, model.retrieval_queries(0, normed), match_candidates(model), short_term)
+    return rank_writes(state.ltm, 0, model.retrieval_queries(0, normed), match_candidates(model), short_term,
+                       max_writes=FULLY_SCORED * model.config.num_ltm_blocks)  # fmt: skip
+
+
+def token_ranking(model: "MPlus", state: MemoryState, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Writes sharing rare tokens with the prompt `[n]`, best first (`rank_writes_by_tokens`)."""
+    return rank_writes_by_tokens(state.ltm, model.token_match_vectors(prompt_ids), TOKEN_COMMON)
 
 
 def match_candidates(model: "MPlus") -> int:
@@ -102,12 +115,14 @@ def match_candidates(model: "MPlus") -> int:
     return model.config.num_tokens * model.config.write_candidates
 
 
-def default_retrieval(model: "MPlus"):
-    """The retrieval one prompt uses when no `retrieve_fn` is given (a fresh one per prompt)."""
-    return SharedWrites() if model.config.write_ranking == "first_layer" else retrieve
+def default_retrieval(model: "MPlus", prompt_ids: torch.Tensor | None = None):
+    """The retrieval one prompt (`prompt_ids [n]`, its real tokens) uses when no `retrieve_fn` is
+    given (a fresh one per prompt)."""
+    return SharedWrites(prompt_ids) if model.config.write_ranking != "per_layer" else retrieve
 
 
 WRITES_PER_PASS = 16
+FULLY_SCORED = 4  # first-layer ranking scores this many times the writes a read takes in full
 
 
 def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates: int) -> torch.Tensor:
@@ -153,7 +168,9 @@ def collect_writes(store, layer: int, ranked, count: int, fill: torch.Tensor | N
     chosen = torch.cat(taken) if taken else torch.empty(0, dtype=torch.long)
     if room:
         fill = torch.arange(len(sources) - 1, -1, -1) if fill is None else fill
-        extra = fill[~torch.isin(fill, chosen)][:room]
+        taken_mask = torch.zeros(len(sources), dtype=torch.bool)
+        taken_mask[chosen] = True  # a mask, not torch.isin: that compares every pair here (1.3 s at 100k slots)
+        extra = fill[~taken_mask[fill]][:room]
         chosen = torch.cat([chosen, extra])
     # write order: by injection id (ids grow with time), then position in the store (insertion order)
     order = torch.argsort(sources[chosen] * (len(sources) + 1) + chosen)
@@ -178,10 +195,11 @@ def prefill_with_retrieval(
     the slots that answer the prompt in front of the model while the retriever still learns. Called
     through `MPlus.forward`, which computes it with the read adapter.
     """
-    # a retrieval per prompt row: with write_ranking="first_layer" each row keeps its own ranking
-    row_retrieval = [retrieve_fn or default_retrieval(model) for _ in range(input_ids.shape[0])]
     decoder = model.decoder
     batch, n = input_ids.shape
+    # a retrieval per prompt row: with write_ranking="first_layer"/"tokens" each row keeps its own ranking
+    real_ids = [row if attention_mask is None else row[attention_mask[b].bool()] for b, row in enumerate(input_ids)]
+    row_retrieval = [retrieve_fn or default_retrieval(model, ids) for ids in real_ids]
     hidden = model.embed(input_ids, attention_mask=attention_mask)
     num_bos = 1 if model.bos_embedding is not None else 0
     # Short-term slots read before the retrieved ones: none in the release's [bos ; retrieved ; STM];

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import release
-from .index import INDEX_KINDS, SearchSettings, exact_scores, mean_sigmoid_scores
+from .index import INDEX_KINDS, SearchSettings, exact_scores, mean_sigmoid_scores, merge_row_top_k, row_top_k
 from .layer import LayerMemory
 
 # Slot dtypes and how they are kept in numpy (which has no bfloat16: its bits go in a uint16).
@@ -79,6 +79,9 @@ class LongTermStore:
         self._pending = [LayerMemory(hidden_size, key_dim, SLOT_DTYPES[dtype], "exact") for _ in range(num_layers)]
         self.release_reads = False
         self.stm_ages: np.ndarray | None = None  # [L, N]: the age each short-term slot would arrive with
+        # Token keys of the writes in memory (`write_ranking="tokens"`, ltm/matching.py): one key per
+        # distinct token of a write, its source the write; no slot content (one zero column).
+        self._tokens = LayerMemory(1, key_dim, np.dtype(np.float16), index)
 
     # --- introspection ----------------------------------------------------------------------
     def size(self, layer: int) -> int:
@@ -230,7 +233,9 @@ class LongTermStore:
         if isinstance(source_ids, (set, frozenset, range)) or not hasattr(source_ids, "__len__"):
             source_ids = list(source_ids) if not isinstance(source_ids, int) else [source_ids]
         ids = np.asarray(torch.as_tensor(source_ids, dtype=torch.long).reshape(-1))
-        return sum(m.keep(~np.isin(m.record("sources"), ids)) for m in self._layers + self._pending)
+        removed = sum(m.keep(~np.isin(m.record("sources"), ids)) for m in self._layers + self._pending)
+        self._tokens.keep(~np.isin(self._tokens.record("sources"), ids))  # token keys are not slots: not counted
+        return removed
 
     def set_layer_stats(self, layer: int, *, ages=None, frequencies=None) -> None:
         """Overwrite every slot's age and/or recall frequency in a layer (`[size]` each), e.g. when
@@ -283,6 +288,77 @@ class LongTermStore:
         ascending = torch.sort(positions[top.indices])  # the release reads its top k in position order
         return self._release_order(layer, ascending.values, top.values[torch.argsort(positions[top.indices])])
 
+    def search_each(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Each query row's own top min(k, size + pending) slots by q . key: positions `[q, k']`, best
+        first per row. One pass over the layer for all rows (or the approximate index's per-row
+        candidates, rescored exactly), not one search per row: what ranking whole writes token by
+        token needs (ltm/matching.py). Order by q . key is order by sigmoid(q . key) per row."""
+        memory, pending = self._layer(layer), self._pending[layer]
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.key_dim:
+            shape = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise ValueError(f"queries must be a tensor [q, {self.key_dim}], got {shape}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        return self._search_each(memory, pending, queries, k)
+
+    def _search_each(self, memory: LayerMemory, pending: LayerMemory | None, queries: torch.Tensor, k: int):
+        queries_t = queries.detach().to("cpu", torch.float32).T.contiguous()
+        pending_size = pending.size if pending is not None else 0
+        k = min(int(k), memory.size + pending_size)
+        if k == 0 or len(queries) == 0:
+            return torch.empty(len(queries), 0, dtype=torch.long)
+        if memory.size:
+            best = row_top_k(memory, queries_t, min(k, memory.size), self._row_candidates(memory, queries_t.T, k))
+        if pending_size:
+            offset = torch.arange(pending_size) + memory.size
+            extra = row_top_k(pending, queries_t, min(k, pending_size), None)
+            extra = (extra[0], offset[extra[1]])
+            best = merge_row_top_k(best, extra, k) if memory.size else extra
+        return best[1]
+
+    # --- token keys of writes (write_ranking="tokens") ---------------------------------------
+    def add_write_tokens(self, source: int, keys: torch.Tensor) -> None:
+        """Index one write's token keys `[n, h]` (one per distinct token) under its injection id."""
+        self._check_rows("keys", keys, self.key_dim)
+        n = len(keys)
+        if n == 0:
+            return
+        self._tokens.append(np.zeros((n, 1), np.float16), keys.detach().to("cpu", torch.float32).numpy(), {
+            "births": np.full(n, self.clock, np.int64), "frequencies": np.zeros(n, np.float32),
+            "sources": np.full(n, int(source), np.int64), "importance": np.ones(n, np.float32),
+        })  # fmt: skip
+
+    def token_sources(self) -> torch.Tensor:
+        """The write (injection id) of every indexed token key, `[n]` in position order."""
+        return torch.from_numpy(np.array(self._tokens.record("sources")))  # a copy: the record may be memory-mapped
+
+    def token_keys(self, positions) -> torch.Tensor:
+        """Token keys `[len(positions), h]` at these positions of the token index."""
+        positions = self._positions(self._tokens.size, positions)
+        return torch.from_numpy(self._tokens.gather_keys(positions))
+
+    def search_tokens(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Each query row's top min(k, tokens) token keys by q . key: positions `[q, k']` (`search_each`)."""
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.key_dim:
+            raise ValueError(f"queries must be a tensor [q, {self.key_dim}]")
+        return self._search_each(self._tokens, None, queries, k)
+
+    def keep_write_tokens(self, sources) -> int:
+        """Drop the token keys of every write not in `sources` (writes with no slot left); returns how many."""
+        keep = np.isin(self._tokens.record("sources"), np.asarray(torch.as_tensor(sources, dtype=torch.long)))
+        return self._tokens.keep(keep)
+
+    def _row_candidates(self, memory: LayerMemory, queries: torch.Tensor, k: int) -> np.ndarray | None:
+        """Sorted unique positions the approximate index proposes for each row's top k, or None to scan."""
+        settings, index = self.search_settings, memory.index
+        # Half `search`'s over-fetch: the index already ranks each row by q . key, the order wanted
+        # (its lists are what it misses; 1x recalled 0.88 of each row's top k in the tests, 2x 0.9+)
+        count = k * max(1, settings.candidate_factor // 2)
+        if memory.size == 0 or index is None or count >= memory.size or not index.sync(memory, settings):
+            return None
+        positions = _live_positions(memory, index.candidate_ids(queries.numpy(), index.over_fetch(memory, count), settings))
+        return positions if len(positions) >= k else None  # the index came up short: scan instead
+
     def retrievable(self, layer: int, k: int) -> int:
         """How many slots `search(layer, ..., k)` returns: min(k, size + pending), or k when
         `release_reads` tiles a non-empty layer."""
@@ -313,12 +389,7 @@ class LongTermStore:
         ids = index.candidate_ids(queries.mean(0, keepdim=True).numpy(), index.over_fetch(memory, count), settings)
         if settings.row_hits:
             ids = np.concatenate([ids, index.candidate_ids(queries.numpy(), settings.row_hits, settings)])
-        ids = np.unique(ids[ids >= 0])  # FAISS pads with -1 when it finds fewer than asked
-        live = memory.ids
-        positions = np.searchsorted(live, ids)  # sorted keys: numpy's binary search reuses its last answer
-        found = positions < memory.size
-        positions, ids = positions[found], ids[found]
-        positions = positions[live[positions] == ids]  # drops tombstones; sorted and unique like ids
+        positions = _live_positions(memory, ids)
         if len(positions) < k:  # the index came up short (e.g. a tiny nprobe): be exact instead
             return None
         return positions
@@ -341,6 +412,17 @@ class LongTermStore:
         if self.dtype == torch.bfloat16:
             got["slots"] = got["slots"].view(torch.int16).view(torch.bfloat16)  # uint16 bits -> bfloat16
         return got
+
+    def keys(self, layer: int, indices) -> torch.Tensor:
+        """Keys `[k, h]` float32 at `indices` (positions, pending included), without reading any slot."""
+        memory, pending = self._layer(layer), self._pending[layer]
+        positions = self._positions(memory.size + pending.size, indices)
+        in_pending = positions >= memory.size
+        keys = np.empty((len(positions), self.key_dim), np.float32)
+        keys[~in_pending] = memory.gather_keys(positions[~in_pending])
+        if in_pending.any():
+            keys[in_pending] = pending.gather_keys(positions[in_pending] - memory.size)
+        return torch.from_numpy(keys)
 
     def _fields(self, memory: LayerMemory, positions: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -371,6 +453,7 @@ class LongTermStore:
         twin.stm_ages = None if self.stm_ages is None else self.stm_ages.copy()
         twin._layers = [memory.copy() for memory in self._layers]
         twin._pending = [memory.copy() for memory in self._pending]
+        twin._tokens = self._tokens.copy()
         return twin
 
     # --- persistence (see files.py) ---------------------------------------------------------
@@ -443,3 +526,13 @@ class LongTermStore:
         if self.dtype == torch.bfloat16:
             return slots.contiguous().view(torch.int16).numpy().view(np.uint16)
         return slots.contiguous().numpy()
+
+
+def _live_positions(memory: LayerMemory, ids: np.ndarray) -> np.ndarray:
+    """Sorted unique positions of the index's proposed `ids`, minus padding (-1) and tombstones."""
+    ids = np.unique(ids[ids >= 0])  # FAISS pads with -1 when it finds fewer than asked
+    live = memory.ids
+    positions = np.searchsorted(live, ids)  # sorted keys: numpy's binary search reuses its last answer
+    found = positions < memory.size
+    positions, ids = positions[found], ids[found]
+    return positions[live[positions] == ids]  # drops tombstones; sorted and unique like ids

@@ -68,6 +68,6 @@ def inject_in_turns(model, gate: ModelGate, state, chunks: list[torch.Tensor], s
     for chunk in chunks:
         with gate.hold("write"):
             new = compute_new_slots(model, state, chunk.to(model.device))
-            store_slots(model, state, new, record.id, chunk.numel())
+            store_slots(model, state, new, record.id, chunk)
         slots += new.shape[1]
     return InjectionResult(record.id, len(chunks), tokens, slots)

@@ -147,7 +147,7 @@ class MemoryObjective(nn.Module):
         loss_sums, counts = self.read_slots(episodes, slots)
         with torch.no_grad():
             for state, episode, new, injection in zip(states, episodes, slots, injections):
-                store_slots(model, state, new.detach(), injection.id, episode.contexts[0].numel())
+                store_slots(model, state, new.detach(), injection.id, episode.contexts[0])
         return [EpisodeResult(loss, count, [injection.id])
                 for loss, count, injection in zip(loss_sums, counts, injections)]  # fmt: skip
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data.filler import FillerStream, filler_paragraphs
 from ..data.synthetic import FactGenerator
-from ..ltm.recall import collect_writes, first_layer_ranking, top_writes
+from ..ltm.recall import collect_writes, first_layer_ranking, token_ranking, top_writes
 from ..ltm.retriever import retrieval_scores, retriever_loss, write_ranking_loss
 from ..modeling import MemoryLLM
 from ..mplus import MPlus
@@ -324,11 +324,14 @@ def evaluate_retriever(model: MPlus, tokenizer, questions: int = 40, seed: int =
 def answering_write_found(model: MPlus, memory: MemoryState, prompt_ids: torch.Tensor, injection_id: int) -> float:
     """Share of layers (among those holding long-term slots of the answering write) whose retrieval of
     whole writes (as `retrieval_unit="write"` reads: `top_writes` per layer, or the writes ranked once
-    at the first layer with `write_ranking="first_layer"`) brings that write back."""
+    at the first layer with `write_ranking="first_layer"` or `"tokens"`) brings that write back."""
     count = model.config.retrieved_slots
-    if model.config.write_ranking == "first_layer":  # needs only the prompt's embeddings, no read
-        normed = model.decoder.layers[0].input_layernorm(model.embed(prompt_ids[None])[0])
-        ranked = first_layer_ranking(model, memory, normed)
+    if model.config.write_ranking != "per_layer":  # ranked once from the prompt's embeddings, no read
+        if model.config.write_ranking == "tokens":
+            ranked = token_ranking(model, memory, prompt_ids)
+        else:
+            ranked = first_layer_ranking(model, memory, model.decoder.layers[0].input_layernorm(
+                model.embed(prompt_ids[None])[0]))  # fmt: skip
         chosen_per_layer = [collect_writes(memory.ltm, i, ranked, count, per_write=model.config.num_tokens)
                             for i in range(memory.num_layers)]  # fmt: skip
     else:
