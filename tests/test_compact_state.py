@@ -236,11 +236,14 @@ def test_server_registry_saves_into_a_journal(tmp_path):
         with registry.write("ada", "default") as slot:
             model.inject(slot.state, random_ids(20, seed=i), source=f"s{i}")
         expected = slot.state
-    assert journal_path(registry.path("ada", "default")).exists()
+    file = registry.path("ada", "default")
+    assert journal_path(file).exists()
     assert registry.sessions("ada")[0]["writes"] == 3
+    assert registry.sessions("ada")[0]["bytes"] == file.stat().st_size + journal_path(file).stat().st_size
     registry.close()
-    again = StateRegistry(model, tmp_path, journal=True)  # the index rebuilt from the files and journals
+    again = StateRegistry(model, tmp_path)  # the index rebuilt from the files and journals
     assert again.sessions("ada")[0]["writes"] == 3
+    assert again.sessions("ada")[0]["bytes"] == file.stat().st_size + journal_path(file).stat().st_size
     with again.read("ada", "default") as state:
         assert_same(state, expected)
 

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..journal import journal_path
 from ..modeling import MemoryLLM
 from ..persistence import MemoryFileError, read_manifest
 from ..state import MemoryState
@@ -177,12 +178,19 @@ class StateRegistry:
 
     def _index(self, user: str, session: str, manifest: dict, file: Path) -> None:
         now, stat = time.time(), file.stat()
+        modified, size = stat.st_mtime, stat.st_size
+        if "journal" in manifest or self.journal:  # the writes since the file are in its journal
+            try:
+                extra = journal_path(file).stat()
+                modified, size = max(modified, extra.st_mtime), size + extra.st_size
+            except FileNotFoundError:
+                pass
         self._sql(
             "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (user, session) DO UPDATE SET "
             "file = excluded.file, updated = excluded.updated, writes = excluded.writes, "
             "injections = excluded.injections, bytes = excluded.bytes, damaged = NULL",
-            (user, session, str(file.relative_to(self.root)), now, stat.st_mtime,
-             manifest["write_count"], len(manifest["injections"]), stat.st_size),
+            (user, session, str(file.relative_to(self.root)), now, modified,
+             manifest["write_count"], len(manifest["injections"]), size),
         )  # fmt: skip
 
     def _index_damaged(self, user: str, session: str, reason: str) -> None:
