@@ -8,9 +8,14 @@ Starts the server as its own process on a loopback port (the tiny preset unless 
   4. one long inject (--long-repeats copies of the text, many chunks) and another session's chat
      sent while it runs: the chat's latency against an idle chat's (the inject hands the model
      back between chunks, so the chat should not wait for the whole inject).
-Prints requests/s and p50/p95 latency per endpoint, with ratios to the baselines.
+Prints requests/s and p50/p95 latency per endpoint, with ratios to the baselines. `--batching
+compare` runs everything twice, against a server without batching (`serve --no-batching`: every
+request its own model calls) and one with it (the default: chats of all sessions as one
+continuously batched generation, writes batched per chunk), and prints after/before ratios
+measured in the same run.
 
     python benchmarks/bench_server.py --clients 20 --rounds 10
+    python benchmarks/bench_server.py --model smollm2-135m --clients 20 --rounds 3 --batching compare
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ TEXT = (
 QUESTION = "Where does Ada keep the spare key?"
 
 
-def start_server(args, data_dir: str) -> tuple[subprocess.Popen, str]:
+def start_server(args, data_dir: str, batching: bool = True) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -43,6 +48,7 @@ def start_server(args, data_dir: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-c", "from latentmem.cli import app; app()", "serve", "--data-dir", data_dir,
                "--port", str(port), "--threads", str(args.threads), "--parallel", str(args.parallel)]  # fmt: skip
     command += ["--model", args.model] if args.model else []
+    command += [] if batching else ["--no-batching"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
@@ -70,6 +76,8 @@ def client_run(url: str, session: str, rounds: int, max_tokens: int, timings: di
                 if response.status_code != 200:
                     raise RuntimeError(f"{kind}: {response.status_code} {response.text}")
                 timings[kind].append(elapsed)
+                if kind == "chat":
+                    timings["tokens"].append(response.json()["usage"]["completion_tokens"])
 
 
 def served_model(url: str) -> str:
@@ -77,7 +85,7 @@ def served_model(url: str) -> str:
 
 
 def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool) -> tuple[dict, float]:
-    timings: dict[str, list[float]] = {"inject": [], "chat": []}
+    timings: dict[str, list[float]] = {"inject": [], "chat": [], "tokens": []}
     threads = [
         threading.Thread(target=client_run, args=(url, "shared" if shared else f"c{i}", rounds, max_tokens, timings))
         for i in range(clients)
@@ -136,12 +144,86 @@ def chat_during_long_inject(url: str, repeats: int, max_tokens: int) -> tuple[di
     return result, result.get("seconds", float("nan")), timings["chat"][0]
 
 
+def requests(timings: dict) -> int:
+    return len(timings["inject"]) + len(timings["chat"])
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def serve_and_load(args, modes: list[bool]) -> dict[bool, tuple[str, dict, dict, float, float]]:
+    """Start a server per mode (with or without batching) and run every load against each in turn.
+
+    With both modes, each load runs against one server and then the other before the next load, so
+    a change in what else the machine runs affects both alike.
+    """
+    dirs = [tempfile.TemporaryDirectory() for _ in modes]
+    servers = {}
+    try:
+        for batching, data_dir in zip(modes, dirs):
+            servers[batching] = start_server(args, data_dir.name, batching)
+        urls = {batching: url for batching, (_, url) in servers.items()}
+        model = served_model(urls[modes[0]])
+        for url in urls.values():
+            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": [], "tokens": []})
+        specs = [("1 client", 1, False), (f"{args.clients} clients, own sessions", args.clients, False),
+                 (f"{args.clients} clients, one session", args.clients, True)]  # fmt: skip
+        runs: dict[bool, dict] = {batching: {} for batching in modes}
+        for name, clients, shared in specs:
+            for batching in modes:
+                runs[batching][name] = load(urls[batching], clients, args.rounds, args.max_tokens, shared)
+        longs = {batching: chat_during_long_inject(urls[batching], args.long_repeats, args.max_tokens)
+                 for batching in modes}  # fmt: skip
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(60)
+        for data_dir in dirs:
+            data_dir.cleanup()
+    return {batching: (model, runs[batching], *longs[batching]) for batching in modes}
+
+
+def report(args, base: dict, mode: str, results) -> None:
+    model, runs, long, long_seconds, chat_seconds = results
+    print(f"\n[{mode}] model {model}; server: 1 process, {args.parallel} model calls at once, {args.threads} torch "
+          f"thread(s) each, {os.cpu_count()} CPUs; "
+          f"chat = {args.max_tokens} greedy tokens, inject = {len(TEXT)}-character text + atomic save")  # fmt: skip
+    print(f"in-process baseline (no HTTP, no locks): inject {base['inject'] * 1e3:.1f} ms, "
+          f"chat {base['chat'] * 1e3:.1f} ms")  # fmt: skip
+    print(f"{'run':<28} {'requests/s':>10} {'x 1 client':>10}   {'inject p50/p95 ms':>17} "
+          f"{'chat p50/p95 ms':>17} {'chat p50 / direct':>18} {'tokens/chat':>11}")  # fmt: skip
+    single = None
+    for name, (timings, seconds) in runs.items():
+        rate = requests(timings) / seconds
+        single = single or rate
+        inject, chat = (
+            f"{pct(timings[k], 0.5) * 1e3:>8.0f} /{pct(timings[k], 0.95) * 1e3:>7.0f}" for k in ("inject", "chat")
+        )
+        ratio = pct(timings["chat"], 0.5) / base["chat"]
+        tokens = sum(timings["tokens"]) / max(1, len(timings["tokens"]))
+        print(f"{name:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x {tokens:>11.1f}")
+    idle = pct(runs["1 client"][0]["chat"], 0.5)
+    print(
+        f"long inject ({long.get('tokens')} tokens, {long.get('chunks')} chunks) took {long_seconds:.2f} s; another "
+        f"session's chat sent during it took {chat_seconds:.2f} s ({chat_seconds / idle:.1f}x an idle chat's p50)"
+    )
+
+
+def compare(before, after) -> None:
+    """After/before ratios of the batched server against the unbatched one, run by run."""
+    print("\nbatched / unbatched (same run):")
+    print(f"{'run':<28} {'requests/s':>10} {'chat p50':>9} {'chat p95':>9} {'inject p50':>11} {'inject p95':>11}")
+    for name in before[1]:
+        (t0, s0), (t1, s1) = before[1][name], after[1][name]
+        rate = (requests(t1) / s1) / (requests(t0) / s0)
+        cells = [pct(t1[k], q) / pct(t0[k], q) for k in ("chat", "inject") for q in (0.5, 0.95)]
+        print(f"{name:<28} {rate:>9.2f}x {cells[0]:>8.2f}x {cells[1]:>8.2f}x {cells[2]:>10.2f}x {cells[3]:>10.2f}x")
+
+
 def main() -> None:
+    global QUESTION
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="model folder or preset (default: tiny, as documented)")
     parser.add_argument("--clients", type=int, default=20)
@@ -150,44 +232,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per request in the server")
     parser.add_argument("--parallel", type=int, default=4, help="model calls the server runs at once")
     parser.add_argument("--long-repeats", type=int, default=100, help="copies of the text in the long inject")
+    parser.add_argument("--question", default=QUESTION, help="what every chat request asks")
+    parser.add_argument("--batching", choices=("on", "off", "compare"), default="on",
+                        help="serve with batching (the default), without (--no-batching), or both in turn")  # fmt: skip
     args = parser.parse_args()
+    QUESTION = args.question
 
     base = in_process_baseline(args)
-    with tempfile.TemporaryDirectory() as data_dir:
-        process, url = start_server(args, data_dir)
-        try:
-            model = served_model(url)
-            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": []})
-            runs = {
-                "1 client": load(url, 1, args.rounds, args.max_tokens, shared=False),
-                f"{args.clients} clients, own sessions": load(url, args.clients, args.rounds, args.max_tokens, False),
-                f"{args.clients} clients, one session": load(url, args.clients, args.rounds, args.max_tokens, True),
-            }
-            long, long_seconds, chat_seconds = chat_during_long_inject(url, args.long_repeats, args.max_tokens)
-        finally:
-            process.terminate()
-            process.wait(60)
-    print(f"model {model}; server: 1 process, {args.parallel} model calls at once, {args.threads} torch thread(s) "
-          f"each, {os.cpu_count()} CPUs; "
-          f"chat = {args.max_tokens} greedy tokens, inject = {len(TEXT)}-character text + atomic save")  # fmt: skip
-    print(f"in-process baseline (no HTTP, no locks): inject {base['inject'] * 1e3:.1f} ms, "
-          f"chat {base['chat'] * 1e3:.1f} ms")  # fmt: skip
-    print(f"{'run':<28} {'requests/s':>10} {'x 1 client':>10}   {'inject p50/p95 ms':>17} "
-          f"{'chat p50/p95 ms':>17} {'chat p50 / direct':>18}")  # fmt: skip
-    single = None
-    for name, (timings, seconds) in runs.items():
-        rate = sum(map(len, timings.values())) / seconds
-        single = single or rate
-        inject, chat = (
-            f"{pct(timings[k], 0.5) * 1e3:>8.0f} /{pct(timings[k], 0.95) * 1e3:>7.0f}" for k in ("inject", "chat")
-        )
-        ratio = pct(timings["chat"], 0.5) / base["chat"]
-        print(f"{name:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x")
-    idle = pct(runs["1 client"][0]["chat"], 0.5)
-    print(
-        f"long inject ({long.get('tokens')} tokens, {long.get('chunks')} chunks) took {long_seconds:.2f} s; another "
-        f"session's chat sent during it took {chat_seconds:.2f} s ({chat_seconds / idle:.1f}x an idle chat's p50)"
-    )
+    modes = {"on": [True], "off": [False], "compare": [False, True]}[args.batching]
+    results = serve_and_load(args, modes)
+    for batching, result in results.items():
+        report(args, base, "batched" if batching else "unbatched", result)
+    if len(results) == 2:
+        compare(results[False], results[True])
 
 
 if __name__ == "__main__":

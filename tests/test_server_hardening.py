@@ -22,6 +22,7 @@ from test_server import ALICE, BOB, FACT, KEYS, TINY, ThreadServer, chat, client
 from latentmem import MemoryState
 from latentmem.ltm.store import LongTermStore
 from latentmem.models import untrained_model
+from latentmem.server import batching as batching_module
 from latentmem.server import create_app
 from latentmem.server import gate as gate_module
 from latentmem.server.auth import AuthConfigError, load_keys
@@ -285,7 +286,8 @@ def test_an_unexpected_error_is_a_json_500_and_the_next_request_on_the_connectio
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_module, "generate_reply", broken)
+    monkeypatch.setattr(app_module, "generate_reply", broken)  # a chat run alone (--no-batching)
+    monkeypatch.setattr(app_module.ChatBatcher, "generate", broken)  # a chat run in the batch
     c = client(server)
     for _ in range(5):
         r = chat(c)
@@ -380,13 +382,18 @@ def test_inject_in_turns_writes_what_model_inject_writes(tiny):
 
 
 def test_another_users_chat_is_answered_between_the_chunks_of_a_long_inject(server, monkeypatch):
-    real = gate_module.compute_new_slots
+    real, real_batch = gate_module.compute_new_slots, batching_module.compute_slots_batch
 
     def slow(*args):  # each chunk takes a while, as a real model's would
         time.sleep(0.1)
         return real(*args)
 
+    def slow_batch(*args):  # the same, for chunks written in a batch (the server's default)
+        time.sleep(0.1)
+        return real_batch(*args)
+
     monkeypatch.setattr(gate_module, "compute_new_slots", slow)
+    monkeypatch.setattr(batching_module, "compute_slots_batch", slow_batch)
     text = "The archive opens at nine. " * 400  # 10,800 tokens: 22 chunks, >= 2.2 s
     done: dict[str, float] = {}
 

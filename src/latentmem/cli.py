@@ -283,6 +283,10 @@ def serve(
     ),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (RAY_ADDRESS: a cluster), --replicas over --store."),
     replicas: int = typer.Option(2, min=1, help="With --ray: model replicas."),
+    batching: bool = typer.Option(
+        True, help="Run concurrent chats as one continuously batched generation and concurrent writes as one "
+        "batch per chunk (--no-batching: each request its own model calls, up to --parallel at once)."
+    ),
 ) -> None:
     """Serve an OpenAI-compatible chat API with one memory per user and session."""
     import torch
@@ -312,6 +316,7 @@ def serve(
     app_ = create_app(
         model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
         max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout, store=store,
+        batching=batching,
     )  # fmt: skip
     typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
                f"memory under {data_dir}", err=True)  # fmt: skip

@@ -16,7 +16,10 @@ are simply unknown, with the same 404 as a name nobody used.
 
 One model serves every state: reads and writes of one state are serialised by the state's lock
 (states.py), and reads and writes of different states share the model, up to a fixed number of
-calls at once (gate.py; each call selects its own adapter), a long injection one chunk at a time. Every request is checked whole before anything is written: a
+calls at once (gate.py; each call selects its own adapter), a long injection one chunk at a time.
+By default the chats of all states run as rows of one continuously batched generation and the
+writes of different states as one batch per chunk (batching.py; `batching=False`: each request
+its own calls). Every request is checked whole before anything is written: a
 refused request leaves the memory on disk as it was. Every failure is a JSON error (errors.py):
 4xx for what the request got wrong (409 for a session whose file was found damaged: reset or
 import replaces it), 507 for a full disk.
@@ -51,6 +54,7 @@ from ..state import MemoryState
 from ..store import ObjectStore, StoreError
 from ..writing import split_into_chunks
 from .auth import NAME_PATTERN, KeyTable
+from .batching import ChatBatcher, WriteBatcher, inject_batched
 from .errors import ApiError, LastResort, error_body, error_response
 from .gate import ModelGate, inject_in_turns
 from .guard import USER_KEY, Guard
@@ -80,6 +84,7 @@ def create_app(
     body_timeout: float = 60.0,
     store: str | ObjectStore | None = None,
     storage_options: dict | None = None,
+    batching: bool = True,
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
@@ -89,6 +94,9 @@ def create_app(
     `store`: keep the states in a shared object store (an fsspec URL such as `s3://bucket/prefix`,
     see store.py) instead of under `data_dir`, which then only caches them; commits are fenced, so
     several replicas may serve the same store (serving.py).
+    `batching`: chat requests of all sessions run as rows of one continuously batched generation,
+    and concurrent writes of different sessions as one batch per chunk (batching.py); False: every
+    request runs its own model calls (up to `max_parallel` at once).
     """
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
     if store is None:
@@ -98,6 +106,8 @@ def create_app(
             model, store, data_dir, max_loaded=max_loaded_states, storage_options=storage_options
         )
     gate = ModelGate(max_parallel)
+    chats = ChatBatcher(model, tokenizer, gate) if batching else None
+    writes = WriteBatcher(model, gate) if batching else None
     name = model_name or default_model_name(model)
     L, N, d = model.backbone.config.num_hidden_layers, model.config.memory_size, model.backbone.config.hidden_size
     # An uploaded state: the slots, per-slot ages and provenance, and room for the manifest.
@@ -112,6 +122,9 @@ def create_app(
     async def lifespan(app: FastAPI):
         yield
         loaded = await run_in_threadpool(registry.close)  # waits for reads and writes in flight
+        for batcher in (chats, writes):
+            if batcher is not None:
+                await run_in_threadpool(batcher.close)
         logger.warning("shut down: every write was saved; %d memory states were loaded", loaded)
 
     app = FastAPI(title="latentmem", lifespan=lifespan)
@@ -224,11 +237,18 @@ def create_app(
             usage = bool(body.stream_options and body.stream_options.include_usage)
             events = stream_reply(user, session, ids, options, head, usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        with registry.read(user, session) as state, gate.hold("read"):
-            reply = generate_reply(model, tokenizer, state, ids, **options)
+        with registry.read(user, session) as state:
+            reply = generate(state, ids, **options)
         message = {"role": "assistant", "content": reply.text}
         choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": None}
         return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(reply)}
+
+    def generate(state: MemoryState, ids: list[int], **options):
+        """One reply: a row of the shared batch, or alone on the model (up to `max_parallel` at once)."""
+        if chats is not None:
+            return chats.generate(state, ids, **options)
+        with gate.hold("read"):
+            return generate_reply(model, tokenizer, state, ids, **options)
 
     def stream_reply(user: str, session: str, ids: list[int], options: dict, head: dict, include_usage: bool):
         """Server-sent events: generation runs in its own thread, text deltas come through a queue."""
@@ -237,11 +257,9 @@ def create_app(
 
         def work():
             try:
-                with registry.read(user, session) as state, gate.hold("read"):
-                    reply = generate_reply(
-                        model, tokenizer, state, ids, on_text=lambda text: events.put(("text", text)), cancel=cancel,
-                        **options,
-                    )  # fmt: skip
+                with registry.read(user, session) as state:
+                    reply = generate(state, ids, on_text=lambda text: events.put(("text", text)), cancel=cancel,
+                                     **options)  # fmt: skip
                 events.put(("done", reply))
             except Exception as err:  # reported in the stream: the 200 status is already sent
                 logger.exception("streamed generation failed")
@@ -291,7 +309,10 @@ def create_app(
             raise ApiError(400, message, "context_too_short", "text")
         check_session_quota(user, session)
         with registry.write(user, session) as slot:
-            result = inject_in_turns(model, gate, slot.state, chunks, body.source)
+            if writes is not None:
+                result = inject_batched(model, writes, slot.state, chunks, body.source)
+            else:
+                result = inject_in_turns(model, gate, slot.state, chunks, body.source)
             record = slot.state.injections[result.injection_id]
         return {
             "object": "memory.injection", "session": session, "id": result.injection_id, "source": record.source,

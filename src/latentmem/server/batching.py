@@ -1,0 +1,439 @@
+"""Batched serving: chat requests of different users share one forward per step, writes share one per chunk.
+
+Chats (`ChatBatcher`). Every request waiting for the model becomes a row of the next step; a step is
+one forward of the backbone over all rows *packed* along one sequence: a row that just joined
+contributes its whole prompt (its prefill), every other row its last token (a decode step). So the
+matmuls (projections, MLP, LM head) run once per step for every row, while attention stays per row:
+each row keeps its own cache, which starts as its memory's prefix ([bos ; STM], reading.py) and
+grows by the row's own tokens, and each row's queries attend only to that cache (`packed_attention`).
+Nothing is padded or copied: rows with different memories, memory sizes and prompt lengths sit side
+by side. Requests join and leave between steps (continuous batching); a finished or cancelled row
+leaves at once, its tokens streamed out as they come. A row's tokens are those `generate_reply`
+produces alone (greedy: the same argmax of the same computation, up to float rounding of batched
+matmuls). M+ reads that retrieve long-term slots (the prefix depends on the prompt) prefill alone
+through the model's own forward and join the batch for decoding.
+
+Writes (`WriteBatcher`). An injection is cut into chunks (writing.py); each chunk of each state is
+a job, and the jobs waiting at once are computed as one padded batch (`compute_slots_batch`, as
+training's `inject_batch` does), then stored per state by the thread holding that state's lock.
+
+The packed attention is a registered attention implementation that forwards to the model's own one
+unless the calling thread is inside a packed step (a context variable), so other calls (unbatched
+writes, the CLI) are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..chat import Reply, TextDeltas, _eos_ids
+from ..positions import prompt_start
+from ..writing import InjectionResult, compute_slots_batch, store_slots
+from .gate import ModelGate
+
+logger = logging.getLogger("latentmem.server")
+
+PACKED = "latentmem_packed_"  # + the model's own attention implementation
+_STEP: contextvars.ContextVar[_PackedStep | None] = contextvars.ContextVar("latentmem_packed_step", default=None)
+
+
+# --- packed attention --------------------------------------------------------------------------
+class _PackedStep:
+    """The rows of one packed forward: row r's tokens are `[bounds[r], bounds[r+1])` of the sequence."""
+
+    def __init__(self, caches: list, bounds: list[int]):
+        self.caches, self.bounds = caches, bounds
+
+    def attend(self, module, query, key, value, scaling) -> torch.Tensor:
+        """query `[1, H, S, hd]`, key/value `[1, kv, S, hd]` (this step's tokens) -> `[1, S, H, hd]`."""
+        heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[3]
+        groups = heads // kv_heads
+        outs = []
+        for r, cache in enumerate(self.caches):
+            s, e = self.bounds[r], self.bounds[r + 1]
+            keys, values = cache.update(key[:, :, s:e], value[:, :, s:e], module.layer_idx)
+            n, total = e - s, keys.shape[2]
+            # query heads sharing a key/value head are folded into its rows: keys/values used as they are
+            q = query[:, :, s:e].reshape(1, kv_heads, groups * n, head_dim)
+            mask = None
+            if n > 1:  # a prompt: token i sees the cache up to itself
+                seen = torch.arange(total, device=q.device)[None] <= torch.arange(n, device=q.device)[:, None] + (
+                    total - n
+                )
+                mask = seen.repeat(groups, 1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+            outs.append(out.reshape(1, heads, n, head_dim))
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def install_packed_attention(model) -> None:
+    """Let `model`'s backbone run packed steps: its attention implementation becomes one that does
+    the packed attention inside a packed step and the model's own attention everywhere else."""
+    config = model.backbone.config
+    own = config._attn_implementation
+    if own.startswith(PACKED):
+        return
+    name = PACKED + own
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        step = _STEP.get()
+        if step is not None:
+            return step.attend(module, query, key, value, scaling), None
+        fn = ALL_ATTENTION_FUNCTIONS.get(own) or sys.modules[type(module).__module__].eager_attention_forward
+        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])
+    model.backbone.set_attn_implementation(name)
+
+
+# --- chats ---------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class ChatRow:
+    """One chat request in the batch."""
+
+    state: object
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    streamer: TextDeltas
+    cancel: threading.Event | None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    cache: DynamicCache | None = None
+    position: int = 0  # RoPE position of the next token fed
+    previous: int | None = None  # the token before the next one fed (token shift)
+    reply: Reply | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ChatBatcher:
+    """Runs every chat request as a row of one shared, continuously batched generation loop.
+
+    `generate` has `generate_reply`'s arguments and result; it blocks until the reply is complete
+    (text deltas go to `on_text` meanwhile). One scheduler thread runs the steps, holding `gate` for
+    each step, so the model's other users (writes) still take turns with it.
+    """
+
+    def __init__(self, model, tokenizer, gate: ModelGate | None = None, max_rows: int = 64):
+        install_packed_attention(model)
+        self.model, self.tokenizer, self.gate, self.max_rows = model, tokenizer, gate, max_rows
+        self.eos = set(_eos_ids(model, tokenizer))
+        self.steps = 0  # packed forwards run (tests and benchmarks read these)
+        self.max_batch = 0
+        self._pending: deque[ChatRow] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def generate(
+        self,
+        memory,
+        ids: Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Reply:
+        row = self.submit(memory, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          stop=stop, on_text=on_text, cancel=cancel)  # fmt: skip
+        return self.wait(row)
+
+    def submit(self, memory, ids: Sequence[int], *, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=(),
+               on_text=None, cancel=None) -> ChatRow:  # fmt: skip
+        """Queue a request; it joins the batch at the next step (`wait` for its reply)."""
+        self.model.check_state(memory)
+        if not ids:
+            raise ValueError("an empty prompt")
+        streamer = TextDeltas(self.tokenizer, on_text, stop)
+        row = ChatRow(memory, list(ids), max_new_tokens, temperature, top_p, streamer, cancel)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the chat batcher is closed")
+            self._pending.append(row)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="latentmem-chat-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return row
+
+    @staticmethod
+    def wait(row: ChatRow) -> Reply:
+        row.done.wait()
+        if row.error is not None:
+            raise row.error
+        return row.reply
+
+    def close(self) -> None:
+        """Finish the rows in flight, then stop the scheduler thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    # -- the scheduler --
+    def _loop(self) -> None:
+        active: list[ChatRow] = []
+        while True:
+            with self._cond:
+                while not self._pending and not active and not self._closed:
+                    self._cond.wait()
+                if not self._pending and not active:
+                    return  # closed and idle
+                joining = []
+                while self._pending and len(active) + len(joining) < self.max_rows:
+                    joining.append(self._pending.popleft())
+            try:
+                active = self._step(active, joining)
+            except BaseException as err:
+                logger.exception("batched generation step failed")
+                for row in active + joining:
+                    self._finish(row, error=err)
+                active = []
+
+    def _step(self, active: list[ChatRow], joining: list[ChatRow]) -> list[ChatRow]:
+        """One packed forward: prefill of `joining`, one decode step of `active`. Returns the rows going on."""
+        model = self.model
+        hold = self.gate.hold("read") if self.gate is not None else _nothing()
+        with hold, torch.inference_mode(), model.adapters.use("read"):
+            # rows whose prefix depends on the prompt (M+ retrieval) prefill alone, through the model
+            alone, packed = [], []
+            for row in joining:  # a request that cannot start fails alone
+                try:
+                    if _retrieves(model, row.state):
+                        self._advance(row, self._prefill_alone(row))
+                        alone.append(row)
+                    else:
+                        self._seed(row)
+                        packed.append(row)
+                except Exception as err:  # noqa: BLE001
+                    self._finish(row, error=err)
+            rows = packed + active
+            if rows:
+                logits = self._forward(rows, [row.prompt for row in packed] + [[row.tokens[-1]] for row in active])
+                for row, row_logits in zip(rows, logits):
+                    self._advance(row, row_logits)
+        self.steps += 1
+        self.max_batch = max(self.max_batch, len(rows) + len(alone))
+        going_on = []
+        for row in alone + rows:
+            if self._ended(row):
+                self._finish(row)
+            else:
+                going_on.append(row)
+        return going_on
+
+    def _seed(self, row: ChatRow) -> None:
+        """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt position."""
+        prefix = self.model.memory_prefix(row.state)
+        row.cache = DynamicCache(config=self.model.backbone.config)
+        prefix.seed(row.cache, 1)
+        row.position = prefix.prompt_start
+
+    def _prefill_alone(self, row: ChatRow) -> torch.Tensor:
+        model = self.model
+        ids = torch.tensor([row.prompt], dtype=torch.long, device=model.device)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), memory=row.state, use_cache=True,
+                    logits_to_keep=1)  # fmt: skip
+        row.cache = out.cache
+        # as M+ numbers later steps: the prompt starts after [bos ; retrieved ; STM]
+        length = (1 if model.bos_embedding is not None else 0) + model.retrieval_count(row.state) + row.state.num_slots
+        row.position = prompt_start(model.config.memory_positions, length, model.config.num_tokens) + len(row.prompt)
+        row.previous = row.prompt[-1]
+        return out.logits[0, -1]
+
+    def _forward(self, rows: list[ChatRow], feeds: list[list[int]]) -> torch.Tensor:
+        """Logits `[rows, vocab]` at each row's last fed token, all rows in one packed forward."""
+        model, device = self.model, self.model.device
+        embeds, positions, bounds = [], [], [0]
+        for row, feed in zip(rows, feeds):
+            ids = torch.tensor([feed], dtype=torch.long, device=device)
+            previous = None if row.previous is None else torch.tensor([row.previous], device=device)
+            embeds.append(model.embed(ids, previous))
+            positions.append(torch.arange(row.position, row.position + len(feed), device=device))
+            bounds.append(bounds[-1] + len(feed))
+            row.position += len(feed)
+            row.previous = feed[-1]
+        token = _STEP.set(_PackedStep([row.cache for row in rows], bounds))
+        try:
+            hidden = model.decoder(
+                inputs_embeds=torch.cat(embeds, dim=1), position_ids=torch.cat(positions)[None],
+                attention_mask=_NO_MASK, use_cache=False,
+            ).last_hidden_state  # fmt: skip
+        finally:
+            _STEP.reset(token)
+        last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
+        return model.get_output_embeddings()(hidden[0, last]).float()
+
+    def _advance(self, row: ChatRow, logits: torch.Tensor) -> None:
+        if row.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = _sample(logits, row.temperature, row.top_p, self.model.generation_config.top_k)
+        if not row.tokens:
+            row.streamer.put(torch.tensor(row.prompt))  # the streamer skips the prompt, as from generate
+        row.tokens.append(token)
+        row.streamer.put(torch.tensor([token]))
+
+    def _ended(self, row: ChatRow) -> bool:
+        return (
+            row.tokens[-1] in self.eos
+            or len(row.tokens) >= row.max_new_tokens
+            or row.streamer.stopped
+            or bool(row.cancel and row.cancel.is_set())
+        )
+
+    def _finish(self, row: ChatRow, error: BaseException | None = None) -> None:
+        if row.done.is_set():
+            return
+        row.cache = None  # the memory prefix's buffers are free for the next read
+        if error is None:
+            try:
+                row.streamer.end()
+                ended = row.streamer.stopped or row.tokens[-1] in self.eos
+                reason = "stop" if ended or len(row.tokens) < row.max_new_tokens else "length"
+                row.reply = Reply(row.streamer.text, len(row.prompt), len(row.tokens), reason)
+            except Exception as err:  # noqa: BLE001 (e.g. a streaming callback that failed)
+                error = err
+        row.error = error
+        row.done.set()
+
+
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: taken as prepared, never built (the rows mask themselves)
+
+
+def _retrieves(model, state) -> bool:
+    """Whether a read of `state` retrieves long-term slots (M+): then its prefix depends on the prompt."""
+    count = getattr(model, "retrieval_count", None)
+    return count is not None and state.initialized and count(state) > 0
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> int:
+    scores = logits / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(scores.softmax(-1), 1))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- writes ----------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _WriteJob:
+    state: object
+    chunk: torch.Tensor
+    slots: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class WriteBatcher:
+    """Computes the new slots of chunks of different states, those waiting at once in one batch.
+
+    `compute(state, chunk)` blocks until the chunk's slots `[L, K, d]` are computed; the caller
+    (holding the state's lock) stores them. A state has at most one chunk in a batch.
+    """
+
+    def __init__(self, model, gate: ModelGate | None = None, max_rows: int = 16):
+        self.model, self.gate, self.max_rows = model, gate, max_rows
+        self.batches = 0
+        self.max_batch = 0
+        self._pending: deque[_WriteJob] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def compute(self, state, chunk: torch.Tensor) -> torch.Tensor:
+        job = _WriteJob(state, chunk)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the write batcher is closed")
+            self._pending.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="latentmem-write-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.slots
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                jobs, later, seen = [], deque(), set()
+                while self._pending and len(jobs) < self.max_rows:
+                    job = self._pending.popleft()
+                    (later if id(job.state) in seen else jobs).append(job)
+                    seen.add(id(job.state))
+                self._pending.extendleft(reversed(later))
+            try:
+                hold = self.gate.hold("write") if self.gate is not None else _nothing()
+                with hold, torch.no_grad():
+                    slots = compute_slots_batch(self.model, [j.state for j in jobs], [j.chunk for j in jobs])
+                for job, new in zip(jobs, slots):
+                    job.slots = new
+            except BaseException as err:  # noqa: BLE001 (reported to every caller of the batch)
+                for job in jobs:
+                    job.error = err
+            self.batches += 1
+            self.max_batch = max(self.max_batch, len(jobs))
+            for job in jobs:
+                job.done.set()
+
+
+@torch.no_grad()
+def inject_batched(model, batcher: WriteBatcher, state, chunks: list[torch.Tensor], source: str) -> InjectionResult:
+    """`inject_in_turns` (gate.py) with each chunk's slots computed in a batch with other states' chunks."""
+    model.check_state(state)
+    tokens = sum(chunk.numel() for chunk in chunks)
+    record = state.record_injection(source, tokens)
+    slots = 0
+    for chunk in chunks:
+        new = batcher.compute(state, chunk.to(model.device))
+        # the written ids, for models that index what they write (`note_write`); else their count
+        store_slots(model, state, new, record.id, chunk if hasattr(model, "note_write") else chunk.numel())
+        slots += new.shape[1]
+    return InjectionResult(record.id, len(chunks), tokens, slots)

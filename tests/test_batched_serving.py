@@ -1,0 +1,190 @@
+"""Batched serving (server/batching.py): rows of one packed generation give each request its own tokens.
+
+Every reply of a batch must be the reply `generate_reply` gives the same request alone (greedy),
+whatever the other rows read, however long their prompts, and whenever a request joins.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import LORA, backbone_config, randomize_lora
+
+from latentmem import MemoryLLM, MemoryLLMConfig
+from latentmem.chat import generate_reply
+from latentmem.models import byte_tokenizer
+from latentmem.server.batching import ChatBatcher, WriteBatcher, inject_batched
+from latentmem.writing import split_into_chunks
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["Where is the key?", "What is Ada's locker code, please?", "Hi"]
+
+
+def tiny(memory_positions: str = "pool", token_shift: bool = False) -> tuple[MemoryLLM, object]:
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = MemoryLLMConfig(
+        backbone_config=backbone_config("llama", vocab_size=len(tokenizer)), num_tokens=4, num_blocks=3, lora=LORA,
+        memory_positions=memory_positions, token_shift=token_shift,
+    )  # fmt: skip
+    model = MemoryLLM(config).eval()
+    randomize_lora(model, 0)
+    if token_shift:
+        with torch.no_grad():
+            model.token_shift.weight.normal_(std=0.05)
+    model.generation_config.eos_token_id = None  # random weights: run every reply to max_new_tokens
+    return model, tokenizer
+
+
+def memories(model: MemoryLLM) -> list:
+    """Three users: nothing written (no prefix at all), one write, three writes."""
+    states = [model.new_memory(seed=s) for s in range(3)]
+    g = torch.Generator().manual_seed(1)
+    for state, writes in zip(states, (0, 1, 3)):
+        for w in range(writes):
+            model.inject(state, input_ids=torch.randint(0, 256, (6 + 3 * w,), generator=g), allow_short=True)
+    return states
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def alone(model, tokenizer, state, prompt: list[int], n: int) -> list[int]:
+    """The greedy tokens of one request run alone (what the unbatched server generates)."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            memory=state, max_new_tokens=n, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("memory_positions, token_shift", [("pool", False), ("per_write", False), ("pool", True)])
+def test_a_batch_of_three_users_generates_what_each_generates_alone(memory_positions, token_shift):
+    model, tokenizer = tiny(memory_positions, token_shift)
+    states = memories(model)
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    expected = [alone(model, tokenizer, s, p, 12) for s, p in zip(states, prompts)]
+    batcher = ChatBatcher(model, tokenizer)
+    rows = [batcher.submit(s, p, max_new_tokens=12) for s, p in zip(states, prompts)]
+    replies = [batcher.wait(row) for row in rows]
+    batcher.close()
+    assert [row.tokens for row in rows] == expected
+    assert batcher.max_batch == 3  # the three rows really ran together
+    for reply, s, p in zip(replies, states, prompts):  # and the reply records as generate_reply's
+        single = generate_reply(model, tokenizer, s, p, max_new_tokens=12)
+        assert (reply.text, reply.completion_tokens, reply.finish_reason) == (
+            single.text, single.completion_tokens, single.finish_reason,
+        )  # fmt: skip
+
+
+def test_a_request_joining_mid_decode_gets_its_own_tokens_and_streams():
+    model, tokenizer = tiny()
+    states = memories(model)
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    expected = [alone(model, tokenizer, s, p, n) for s, p, n in zip(states, prompts, (20, 8, 5))]
+    batcher = ChatBatcher(model, tokenizer)
+    joined = threading.Event()
+    deltas: list[list[str]] = [[], [], []]
+    late: list = []
+
+    def first_text(text: str) -> None:  # runs in the scheduler: the others join after some tokens
+        deltas[0].append(text)
+        if len(deltas[0]) == 4 and not joined.is_set():
+            joined.set()
+            late.extend(
+                batcher.submit(s, p, max_new_tokens=n, on_text=deltas[i].append)
+                for i, s, p, n in ((1, states[1], prompts[1], 8), (2, states[2], prompts[2], 5))
+            )
+
+    first = batcher.submit(states[0], prompts[0], max_new_tokens=20, on_text=first_text)
+    replies = [batcher.wait(first)] + [batcher.wait(row) for row in late]
+    batcher.close()
+    assert joined.is_set() and batcher.max_batch == 3
+    assert [first.tokens] + [row.tokens for row in late] == expected
+    # streaming: the deltas of each request add up to its reply, token by token
+    for reply, parts, n in zip(replies, deltas, (20, 8, 5)):
+        assert "".join(parts) == reply.text and reply.completion_tokens == n
+    assert len(deltas[0]) > 4
+    # the joiners' prefill ran in the same steps as the first request's decoding
+    assert batcher.steps < 20 + 8 + 5
+
+
+def test_a_cancelled_row_leaves_and_the_others_go_on():
+    model, tokenizer = tiny()
+    states = memories(model)
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    batcher = ChatBatcher(model, tokenizer)
+    cancel = threading.Event()
+    cancelled = batcher.submit(states[0], prompts[0], max_new_tokens=30, cancel=cancel,
+                               on_text=lambda _: cancel.set())  # fmt: skip
+    other = batcher.submit(states[1], prompts[1], max_new_tokens=10)
+    short, full = batcher.wait(cancelled), batcher.wait(other)
+    batcher.close()
+    assert short.completion_tokens < 30
+    assert other.tokens == alone(model, tokenizer, states[1], prompts[1], 10) and full.completion_tokens == 10
+
+
+def test_batched_writes_equal_writes_one_at_a_time():
+    model, _ = tiny()
+    batched, single = memories(model), memories(model)
+    g = torch.Generator().manual_seed(2)
+    texts = [torch.randint(0, 256, (n,), generator=g) for n in (9, 4, 13)]
+    for state, text in zip(single, texts):
+        model.inject(state, input_ids=text, allow_short=True, source="s")
+    writer = WriteBatcher(model, max_rows=3)
+    barrier = threading.Barrier(3)
+
+    def write(state, text):
+        barrier.wait()
+        inject_batched(model, writer, state, split_into_chunks(text, model.config.chunk_size), "s")
+
+    threads = [threading.Thread(target=write, args=pair) for pair in zip(batched, texts)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    writer.close()
+    assert writer.max_batch >= 2
+    for a, b in zip(batched, single):
+        assert torch.allclose(a.stm, b.stm, atol=1e-5)
+        assert torch.equal(a.sources, b.sources) and a.write_count == b.write_count
+
+
+def test_unbatched_calls_are_unchanged_by_the_packed_attention():
+    model, tokenizer = tiny()
+    states = memories(model)
+    prompt = ids(tokenizer, PROMPTS[1])
+    before = alone(model, tokenizer, states[2], prompt, 10)
+    ChatBatcher(model, tokenizer).close()  # installs the packed attention implementation
+    assert alone(model, tokenizer, states[2], prompt, 10) == before
+
+
+def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch():
+    from latentmem.config import MPlusConfig
+    from latentmem.mplus import MPlus
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = MPlusConfig(
+        backbone_config=backbone_config("llama", vocab_size=len(tokenizer)), lora=LORA, num_tokens=4, num_blocks=6,
+        num_ltm_blocks=2, selector_hidden_dim=16, update_ltm_frequency=3, promote_on_retrieval=0.0,
+    )  # fmt: skip
+    model = MPlus(config).eval()
+    randomize_lora(model, 0)
+    model.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(1)
+    states = [model.new_memory(seed=s) for s in range(3)]
+    for state, writes in zip(states, (0, 1, 8)):  # the third has long-term slots to retrieve
+        for _ in range(writes):
+            model.inject(state, input_ids=torch.randint(0, 256, (10,), generator=g), allow_short=True)
+    assert model.retrieval_count(states[2]) > 0 and model.retrieval_count(states[1]) == 0
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    expected = [alone(model, tokenizer, s, p, 8) for s, p in zip(states, prompts)]
+    batcher = ChatBatcher(model, tokenizer)
+    rows = [batcher.submit(s, p, max_new_tokens=8) for s, p in zip(states, prompts)]
+    [batcher.wait(row) for row in rows]
+    batcher.close()
+    assert [row.tokens for row in rows] == expected and batcher.max_batch == 3
