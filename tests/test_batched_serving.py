@@ -6,6 +6,7 @@ whatever the other rows read, however long their prompts, and whenever a request
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -188,3 +189,30 @@ def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch():
     [batcher.wait(row) for row in rows]
     batcher.close()
     assert [row.tokens for row in rows] == expected and batcher.max_batch == 3
+
+
+def test_the_server_answers_the_same_with_and_without_batching(tmp_path):
+    import httpx
+    from test_server import ALICE, KEYS, TINY, ThreadServer
+
+    from latentmem.models import untrained_model
+    from latentmem.server import create_app
+
+    model, tokenizer = untrained_model(**TINY)
+    answers = {}
+    for batching in (False, True):
+        app = create_app(model, tokenizer, data_dir=tmp_path / str(batching), api_keys=KEYS, batching=batching)
+        server = ThreadServer(app)
+        try:
+            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60) as c:
+                fact = {"text": "Ada's locker code is 4711.", "allow_short": True}
+                assert c.post("/v1/memory/inject", json=fact).status_code == 200
+                ask = {"messages": [{"role": "user", "content": "Ada's code?"}], "max_tokens": 8, "temperature": 0}
+                reply = c.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"]
+                with c.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as events:
+                    lines = [line for line in events.iter_lines() if line.startswith("data: {")]
+                streamed = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in lines)
+                answers[batching] = (reply, streamed)
+        finally:
+            server.stop()
+    assert answers[True] == answers[False] and answers[True][0] == answers[True][1]
