@@ -173,6 +173,22 @@ def test_export_then_import_installs_an_identical_state_in_a_new_session(server,
     assert torch.equal(original.stm, copy.stm) and original.write_count == copy.write_count == 1
 
 
+def test_a_journaled_session_exports_every_write(tmp_path, tiny):
+    from latentmem.journal import journal_path
+
+    srv = ThreadServer(create_app(*tiny, data_dir=tmp_path / "data", api_keys=KEYS, model_name="tiny", journal=True))
+    try:
+        c = client(srv)
+        for i in range(3):
+            assert c.post("/v1/memory/inject", json={"text": f"{FACT} ({i})", "source": f"s{i}"}).status_code == 200
+        files = list((tmp_path / "data").rglob("*.safetensors"))
+        assert len(files) == 1 and journal_path(files[0]).exists()  # the later writes are in the journal
+        exported = MemoryState.load(_save_bytes(tmp_path / "e.safetensors", c.get("/v1/memory/export").content))
+        assert exported.write_count == 3 and sorted(exported.injections_from("s2")) != []
+    finally:
+        srv.stop()
+
+
 # --- bad input ----------------------------------------------------------------------------------
 def test_malformed_requests_get_a_clear_4xx_and_change_nothing(server, tmp_path):
     c = client(server)

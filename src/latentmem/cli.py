@@ -287,6 +287,10 @@ def serve(
         True, help="Run concurrent chats as one continuously batched generation and concurrent writes as one "
         "batch per chunk (--no-batching: each request its own model calls, up to --parallel at once)."
     ),
+    journal: bool = typer.Option(
+        False, help="Save each write as a small journal record next to the session's file instead of rewriting "
+        "the file (folded into it once it grows past twice the file; not with --store or --ray)."
+    ),
 ) -> None:
     """Serve an OpenAI-compatible chat API with one memory per user and session."""
     import torch
@@ -316,7 +320,7 @@ def serve(
     app_ = create_app(
         model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
         max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout, store=store,
-        batching=batching,
+        batching=batching, journal=journal,
     )  # fmt: skip
     typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
                f"memory under {data_dir}", err=True)  # fmt: skip

@@ -59,6 +59,7 @@ from .errors import ApiError, LastResort, error_body, error_response
 from .gate import ModelGate, inject_in_turns
 from .guard import USER_KEY, Guard
 from .schemas import IMPORT_BODY, SESSION_PARAMETERS, ChatRequest, ForgetRequest, InjectRequest
+from ..journal import journal_path
 from .states import DEFAULT_SESSION, DamagedState, ShuttingDown, StateRegistry, UnknownSession
 from .store_registry import StaleState, StoreRegistry
 
@@ -85,6 +86,7 @@ def create_app(
     store: str | ObjectStore | None = None,
     storage_options: dict | None = None,
     batching: bool = True,
+    journal: bool = False,
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
@@ -97,10 +99,14 @@ def create_app(
     `batching`: chat requests of all sessions run as rows of one continuously batched generation,
     and concurrent writes of different sessions as one batch per chunk (batching.py); False: every
     request runs its own model calls (up to `max_parallel` at once).
+    `journal`: save each write as a record appended to `<state file>.journal` instead of rewriting the
+    file (persistence.py; local `data_dir` only); exports still send one whole file.
     """
+    if journal and store is not None:
+        raise ValueError("journal saves are for states under data_dir; a shared store commits whole files")
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
     if store is None:
-        registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states)
+        registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states, journal=journal)
     else:
         registry = StoreRegistry(
             model, store, data_dir, max_loaded=max_loaded_states, storage_options=storage_options
@@ -349,7 +355,9 @@ def create_app(
         user, session = user_of(request), session_of(request)
         with registry.read(user, session) as state:
             path = registry.path(user, session)
-            if not path.exists():  # the default session, never written: export the empty state
+            # the default session, never written, exports the empty state; a journaled file lacks the
+            # writes in its journal, so the state is exported whole from memory (the same bytes a load gives)
+            if not path.exists() or journal_path(path).exists():
                 fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
                 os.close(fd)
                 path = Path(tmp)

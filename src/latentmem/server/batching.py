@@ -433,7 +433,6 @@ def inject_batched(model, batcher: WriteBatcher, state, chunks: list[torch.Tenso
     slots = 0
     for chunk in chunks:
         new = batcher.compute(state, chunk.to(model.device))
-        # the written ids, for models that index what they write (`note_write`); else their count
-        store_slots(model, state, new, record.id, chunk if hasattr(model, "note_write") else chunk.numel())
+        store_slots(model, state, new, record.id, chunk)  # the written ids: M+ may index them (`note_write`)
         slots += new.shape[1]
     return InjectionResult(record.id, len(chunks), tokens, slots)
