@@ -169,6 +169,15 @@ def test_saved_retrievers_rebuild_the_same_mplus_and_bad_files_are_refused(tmp_p
         mplus_with_retrievers(model, tmp_path / "missing")
 
 
+def test_saved_retrievers_remember_how_writes_are_ranked(tmp_path):
+    model, _, _ = small_mplus()
+    ranked = mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16, retrieval_unit="write", write_ranking="tokens")
+    save_retrievers(ranked, tmp_path, dtype=torch.float32)
+    rebuilt = mplus_with_retrievers(model, tmp_path)
+    assert (rebuilt.config.retrieval_unit, rebuilt.config.write_ranking) == ("write", "tokens")
+    assert rebuilt.fingerprint == ranked.fingerprint
+
+
 def test_the_answering_write_is_found_when_retrieval_covers_the_whole_store():
     from latentmem.training.retriever import answering_write_found
 

@@ -101,3 +101,13 @@ def test_other_rankings_index_no_tokens():
     assert state.ltm.token_sources().numel() == 0
     with pytest.raises(ValueError, match="retrieval_unit='write'"):
         make_mplus(write_ranking="tokens")
+
+
+def test_indexed_writes_counts_distinct_writes_in_any_order():
+    store = LongTermStore(1, 4, 8)
+    assert store.indexed_writes() == 0
+    for write, n in [(3, 2), (5, 3), (5, 1), (7, 1)]:
+        store.add_write_tokens(write, torch.randn(n, 8))
+    assert store.indexed_writes() == 3
+    store.add_write_tokens(4, torch.randn(1, 8))  # out of order (not how writes arrive, but counted right)
+    assert store.indexed_writes() == 4

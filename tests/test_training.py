@@ -389,7 +389,8 @@ def test_smollm2_mplus_preset_ships_only_retrievers_and_says_how_to_rebuild_its_
     assert "smollm2-135m-mplus" in SHIPPED
     folder = preset_path("smollm2-135m-mplus")
     assert retriever_config(folder) == {"num_blocks": 20, "num_ltm_blocks": 4, "selector_hidden_dim": 64,
-                                        "num_selector_layers": 2, "retrieved_slots_position": "before_newest_write"}
+                                        "num_selector_layers": 2, "retrieved_slots_position": "before_newest_write",
+                                        "retrieval_unit": "write", "write_ranking": "tokens"}
     with safe_open(folder / RETRIEVER_FILE, "pt") as f:
         names = list(f.keys())
         dtypes = {f.get_tensor(name).dtype for name in names}

@@ -127,17 +127,19 @@ def rank_writes_by_tokens(store, queries: torch.Tensor, per_token: int) -> torch
     hits = store.search_tokens(queries, per_token)  # [q, k]
     similarity = (store.token_keys(hits.reshape(-1)).view(*hits.shape, -1) * queries[:, None]).sum(-1)
     matched = similarity >= TOKEN_MATCH
-    writes_total = len(torch.unique(sources))
-    scores: dict[int, float] = {}
-    for row, row_matched in zip(hits, matched):
-        owners = torch.unique(sources[row[row_matched]])
-        if len(owners) == 0 or bool(row_matched.all()) and hits.shape[1] >= per_token:
-            continue  # absent, or in at least per_token writes: common
-        df = len(owners)
-        idf = math.log((writes_total - df + 0.5) / (df + 0.5))
-        if idf <= 0:
-            continue
-        for owner in owners.tolist():
-            scores[owner] = scores.get(owner, 0.0) + idf
-    ranked = sorted(scores, key=lambda w: (-scores[w], -w))  # ties: the newer write first
-    return torch.tensor(ranked, dtype=torch.long)
+    writes_total = store.indexed_writes()
+    # distinct (prompt token, write) matches, then each token's document frequency and weight
+    span = int(sources.max()) + 1
+    rows = torch.arange(len(hits))[:, None].expand_as(hits)[matched]
+    pairs = torch.unique(rows * span + sources[hits][matched])
+    row, write = pairs // span, pairs % span
+    df = torch.bincount(row, minlength=len(hits)).double()
+    idf = torch.log((writes_total - df + 0.5) / (df + 0.5)).clamp(min=0)
+    idf[matched.all(dim=1) & (hits.shape[1] >= per_token)] = 0  # in per_token writes or more: common
+    writes, owner = torch.unique(write, return_inverse=True)
+    scores = torch.zeros(len(writes), dtype=torch.float64).index_add_(0, owner, idf[row])
+    keep = scores > 0
+    writes, scores = writes[keep], scores[keep]
+    newest_first = torch.argsort(writes, descending=True)  # ties go to the newer write
+    by_score = torch.argsort(scores[newest_first], descending=True, stable=True)
+    return writes[newest_first][by_score]

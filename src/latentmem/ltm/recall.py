@@ -122,7 +122,11 @@ def default_retrieval(model: "MPlus", prompt_ids: torch.Tensor | None = None):
 
 
 WRITES_PER_PASS = 16
-FULLY_SCORED = 4  # first-layer ranking scores this many times the writes a read takes in full
+# First-layer ranking scores in full this many times the writes a read takes (the rest are judged
+# by the long-term slots the search found alone, which misses partly evicted writes). On `tiny`
+# (per-write layout, 100 held-out questions) the answering write was found for 0.94 scoring every
+# candidate, 0.93 with 16 and 0.70 with 4.
+FULLY_SCORED = 16
 
 
 def top_writes(store, layer: int, queries: torch.Tensor, count: int, candidates: int) -> torch.Tensor:
@@ -157,7 +161,9 @@ def collect_writes(store, layer: int, ranked, count: int, fill: torch.Tensor | N
         # the slots of the next few best writes, in one pass over the layer (a few writes fill a read)
         chunk = ranked[start : start + WRITES_PER_PASS]
         start += WRITES_PER_PASS
-        members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), chunk)))  # numpy's isin: 2.5x torch's
+        # numpy's isin by a lookup table over the few wanted ids' range: one gather over the layer
+        # (its default, sort-based, took 11 ms at 1M slots)
+        members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), chunk, kind="table")))
         owners = sources[members]
         for source in chunk:
             if room == 0:

@@ -19,6 +19,8 @@ RETRIEVER_FILE = "retriever.safetensors"
 # The M+ fields a retriever file records: with the MemoryLLM it was trained on, they rebuild its M+.
 RETRIEVER_FIELDS = ("num_blocks", "num_ltm_blocks", "selector_hidden_dim", "num_selector_layers",
                     "retrieved_slots_position")  # fmt: skip
+# How the M+ chooses what it reads; files written before these fields existed read as the defaults.
+OPTIONAL_RETRIEVER_FIELDS = {"retrieval_unit": "slot", "write_ranking": "per_layer"}
 # latentmem never uses the retrievers' encoder_query_proj (it exists to load the release's checkpoints).
 UNUSED_RETRIEVER_PART = ".encoder_query_proj."
 
@@ -55,7 +57,8 @@ def retriever_config(folder: str | Path) -> dict:
     missing = [k for k in RETRIEVER_FIELDS if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks the M+ fields {missing} in its header (not written by save_retrievers?)")
-    return {k: meta[k] if k == "retrieved_slots_position" else int(meta[k]) for k in RETRIEVER_FIELDS}
+    fields = {k: meta[k] if k == "retrieved_slots_position" else int(meta[k]) for k in RETRIEVER_FIELDS}
+    return fields | {k: meta.get(k, default) for k, default in OPTIONAL_RETRIEVER_FIELDS.items()}
 
 
 def mplus_with_retrievers(model: MemoryLLM, folder: str | Path) -> MPlus:

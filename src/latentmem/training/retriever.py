@@ -35,6 +35,7 @@ from ..mplus import MPlus
 
 # Loading lives with the models (inference never imports training); re-exported for older imports.
 from ..presets.retrievers import (  # noqa: F401
+    OPTIONAL_RETRIEVER_FIELDS,
     RETRIEVER_FIELDS,
     RETRIEVER_FILE,
     UNUSED_RETRIEVER_PART,
@@ -61,7 +62,8 @@ def save_retrievers(model: MPlus, folder: str | Path, dtype: torch.dtype = torch
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in model.retrievers.state_dict().items()
                if UNUSED_RETRIEVER_PART not in name}  # fmt: skip
-    save_file(tensors, folder / RETRIEVER_FILE, metadata={k: str(getattr(model.config, k)) for k in RETRIEVER_FIELDS})
+    fields = (*RETRIEVER_FIELDS, *OPTIONAL_RETRIEVER_FIELDS)
+    save_file(tensors, folder / RETRIEVER_FILE, metadata={k: str(getattr(model.config, k)) for k in fields})
     return folder / RETRIEVER_FILE
 
 
