@@ -102,3 +102,15 @@ def test_a_write_contributes_at_most_per_write_slots_so_tiled_copies_do_not_fill
     assert store.sources(0)[chosen].tolist() == [1, 1, 2, 2, 3]  # write order; write 1 capped at 2
     assert chosen[:2].tolist() == [6, 7]  # write 1's newest slots
     assert store.sources(0)[collect_writes(store, 0, [1, 2, 3], count=5)].tolist() == [1] * 5  # uncapped
+
+
+def test_positions_of_finds_exactly_the_slots_of_the_wanted_writes():
+    import numpy as np
+
+    from latentmem.ltm.recall import positions_of
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # sources include ids outside the wanted range on both sides, and -1 (external)
+        sources = rng.integers(-1, 40, 200)
+        wanted = rng.choice(np.arange(0, 45), rng.integers(1, 6), replace=False)
+        assert positions_of(sources, wanted).tolist() == np.flatnonzero(np.isin(sources, wanted)).tolist()

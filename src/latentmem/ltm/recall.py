@@ -161,9 +161,7 @@ def collect_writes(store, layer: int, ranked, count: int, fill: torch.Tensor | N
         # the slots of the next few best writes, in one pass over the layer (a few writes fill a read)
         chunk = ranked[start : start + WRITES_PER_PASS]
         start += WRITES_PER_PASS
-        # numpy's isin by a lookup table over the few wanted ids' range: one gather over the layer
-        # (its default, sort-based, took 11 ms at 1M slots)
-        members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), chunk, kind="table")))
+        members = torch.from_numpy(positions_of(sources.numpy(), chunk))
         owners = sources[members]
         for source in chunk:
             if room == 0:
@@ -181,6 +179,16 @@ def collect_writes(store, layer: int, ranked, count: int, fill: torch.Tensor | N
     # write order: by injection id (ids grow with time), then position in the store (insertion order)
     order = torch.argsort(sources[chosen] * (len(sources) + 1) + chosen)
     return chosen[order]
+
+
+def positions_of(sources: np.ndarray, ids) -> np.ndarray:
+    """Positions whose source is one of `ids` (a few), by one clipped gather from a lookup table over
+    the ids' range: 1.3 ms at 1M slots, where numpy's isin took 10 (table) or 11 ms (sort)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    low = int(ids.min())
+    table = np.zeros(int(ids.max()) - low + 3, dtype=bool)  # [0] and [-1]: every id out of range
+    table[ids - low + 1] = True
+    return np.flatnonzero(table.take(sources - (low - 1), mode="clip"))
 
 
 def prefill_with_retrieval(
