@@ -120,7 +120,41 @@ class ChatRow:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class ChatBatcher:
+class _Scheduler:
+    """A queue drained by one lazily started scheduler thread (`_loop`), shared by both batchers."""
+
+    thread_name = "batcher"  # in errors and the thread's name
+
+    def __init__(self) -> None:
+        self._pending: deque = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def _enqueue(self, item) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"the {self.thread_name} is closed")
+            self._pending.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"latentmem {self.thread_name}", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Finish what is in flight, then stop the scheduler thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class ChatBatcher(_Scheduler):
     """Runs every chat request as a row of one shared, continuously batched generation loop.
 
     `generate` has `generate_reply`'s arguments and result; it blocks until the reply is complete
@@ -128,16 +162,15 @@ class ChatBatcher:
     each step, so the model's other users (writes) still take turns with it.
     """
 
+    thread_name = "chat batcher"
+
     def __init__(self, model, tokenizer, gate: ModelGate | None = None, max_rows: int = 64):
+        super().__init__()
         install_packed_attention(model)
         self.model, self.tokenizer, self.gate, self.max_rows = model, tokenizer, gate, max_rows
         self.eos = set(_eos_ids(model, tokenizer))
         self.steps = 0  # packed forwards run (tests and benchmarks read these)
         self.max_batch = 0
-        self._pending: deque[ChatRow] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
 
     def generate(
         self,
@@ -163,14 +196,7 @@ class ChatBatcher:
             raise ValueError("an empty prompt")
         streamer = TextDeltas(self.tokenizer, on_text, stop)
         row = ChatRow(memory, list(ids), max_new_tokens, temperature, top_p, streamer, cancel)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the chat batcher is closed")
-            self._pending.append(row)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="latentmem-chat-batcher", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+        self._enqueue(row)
         return row
 
     @staticmethod
@@ -179,15 +205,6 @@ class ChatBatcher:
         if row.error is not None:
             raise row.error
         return row.reply
-
-    def close(self) -> None:
-        """Finish the rows in flight, then stop the scheduler thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
 
     # -- the scheduler --
     def _loop(self) -> None:
@@ -357,44 +374,28 @@ class _WriteJob:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class WriteBatcher:
+class WriteBatcher(_Scheduler):
     """Computes the new slots of chunks of different states, those waiting at once in one batch.
 
     `compute(state, chunk)` blocks until the chunk's slots `[L, K, d]` are computed; the caller
     (holding the state's lock) stores them. A state has at most one chunk in a batch.
     """
 
+    thread_name = "write batcher"
+
     def __init__(self, model, gate: ModelGate | None = None, max_rows: int = 16):
+        super().__init__()
         self.model, self.gate, self.max_rows = model, gate, max_rows
         self.batches = 0
         self.max_batch = 0
-        self._pending: deque[_WriteJob] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
 
     def compute(self, state, chunk: torch.Tensor) -> torch.Tensor:
         job = _WriteJob(state, chunk)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the write batcher is closed")
-            self._pending.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="latentmem-write-batcher", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+        self._enqueue(job)
         job.done.wait()
         if job.error is not None:
             raise job.error
         return job.slots
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
 
     def _loop(self) -> None:
         while True:
