@@ -107,7 +107,7 @@ def test_a_write_contributes_at_most_per_write_slots_so_tiled_copies_do_not_fill
 def test_positions_of_finds_exactly_the_slots_of_the_wanted_writes():
     import numpy as np
 
-    from latentmem.ltm.recall import positions_of
+    from latentmem.ltm.matching import positions_of
 
     rng = np.random.default_rng(0)
     for _ in range(100):  # sources include ids outside the wanted range on both sides, and -1 (external)

@@ -60,6 +60,16 @@ def match_vectors(normed: torch.Tensor, projection: torch.Tensor) -> torch.Tenso
     return F.normalize(normed.float() @ projection.float().T, dim=-1)
 
 
+def positions_of(sources: np.ndarray, ids) -> np.ndarray:
+    """Positions whose source is one of `ids` (a few), by one clipped gather from a lookup table over
+    the ids' range: 1.3 ms at 1M slots, where numpy's isin took 10 (table) or 11 ms (sort)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    low = int(ids.min())
+    table = np.zeros(int(ids.max()) - low + 3, dtype=bool)  # [0] and [-1]: every id out of range
+    table[ids - low + 1] = True
+    return np.flatnonzero(table.take(sources - (low - 1), mode="clip"))
+
+
 def rank_writes(store, layer: int, queries: torch.Tensor, per_token: int,
                 short_term: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                 max_writes: int | None = None) -> torch.Tensor:  # fmt: skip
@@ -85,7 +95,7 @@ def rank_writes(store, layer: int, queries: torch.Tensor, per_token: int,
     if max_writes is not None and len(candidates) > max_writes:
         found = (store.keys(layer, hits.reshape(-1)).view(*hits.shape, -1) * queries[:, None]).sum(-1)
         candidates = candidates[torch.topk(_late_interaction(found.T, sources[hits].T, candidates), max_writes).indices]
-    members = torch.from_numpy(np.flatnonzero(np.isin(sources.numpy(), candidates.numpy())))
+    members = torch.from_numpy(positions_of(sources.numpy(), candidates.numpy()))
     keys, owners = store.keys(layer, members), sources[members]
     if short_term is not None:
         stm_sources, vectors_of = short_term

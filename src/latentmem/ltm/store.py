@@ -296,16 +296,15 @@ class LongTermStore:
         first per row. One pass over the layer for all rows (or the approximate index's per-row
         candidates, rescored exactly), not one search per row: what ranking whole writes token by
         token needs (ltm/matching.py). Order by q . key is order by sigmoid(q . key) per row."""
-        memory, pending = self._layer(layer), self._pending[layer]
+        return self._search_each(self._layer(layer), self._pending[layer], queries, k, self.search_settings)
+
+    def _search_each(self, memory: LayerMemory, pending: LayerMemory | None, queries: torch.Tensor, k: int,
+                     settings: SearchSettings) -> torch.Tensor:  # fmt: skip
         if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.key_dim:
             shape = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
             raise ValueError(f"queries must be a tensor [q, {self.key_dim}], got {shape}")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"k must be an int >= 0, got {k!r}")
-        return self._search_each(memory, pending, queries, k, self.search_settings)
-
-    def _search_each(self, memory: LayerMemory, pending: LayerMemory | None, queries: torch.Tensor, k: int,
-                     settings: SearchSettings) -> torch.Tensor:  # fmt: skip
         queries_t = queries.detach().to("cpu", torch.float32).T.contiguous()
         pending_size = pending.size if pending is not None else 0
         k = min(int(k), memory.size + pending_size)
@@ -344,8 +343,6 @@ class LongTermStore:
 
     def search_tokens(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """Each query row's top min(k, tokens) token keys by q . key: positions `[q, k']` (`search_each`)."""
-        if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.key_dim:
-            raise ValueError(f"queries must be a tensor [q, {self.key_dim}]")
         return self._search_each(self._tokens, None, queries, k, self.token_search_settings)
 
     def indexed_writes(self) -> int:
