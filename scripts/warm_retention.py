@@ -51,7 +51,7 @@ def answers_exactly(model, memory, prompt: torch.Tensor, answer: torch.Tensor, w
     """Whether every answer token (the end token aside) is the argmax after the prompt and the answer so far."""
     ids = torch.cat([prompt, answer])[None]
     if way == "memoryllm":
-        logits = MemoryLLM.forward(model, ids, memory=memory, use_cache=False).logits  # short-term pool only
+        logits = MemoryLLM.forward(model, ids, memory=memory, use_cache=False, focused=False).logits  # short-term pool only
     else:
         choose = answer_first_retrieval(injection_id, generator) if way == "oracle" else None
         logits = model(ids, memory=memory, use_cache=False, retrieve_fn=choose).logits

@@ -163,7 +163,8 @@ def test_unbatched_calls_are_unchanged_by_the_packed_attention():
     assert alone(model, tokenizer, states[2], prompt, 10) == before
 
 
-def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch():
+@pytest.mark.parametrize("focused", [False, True], ids=["retrieved", "focused"])
+def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch(focused):
     from latentmem.config import MPlusConfig
     from latentmem.mplus import MPlus
 
@@ -172,6 +173,7 @@ def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch():
     config = MPlusConfig(
         backbone_config=backbone_config("llama", vocab_size=len(tokenizer)), lora=LORA, num_tokens=4, num_blocks=6,
         num_ltm_blocks=2, selector_hidden_dim=16, update_ltm_frequency=3, promote_on_retrieval=0.0,
+        **({"retrieval_unit": "write", "write_ranking": "tokens", "focused_writes": 1} if focused else {}),
     )  # fmt: skip
     model = MPlus(config).eval()
     randomize_lora(model, 0)
@@ -182,6 +184,8 @@ def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch():
         for _ in range(writes):
             model.inject(state, input_ids=torch.randint(0, 256, (10,), generator=g), allow_short=True)
     assert model.retrieval_count(states[2]) > 0 and model.retrieval_count(states[1]) == 0
+    # focused: a read of any written memory attends to the writes its prompt ranks first
+    assert model.reads_depend_on_prompt(states[1]) == focused and not model.reads_depend_on_prompt(states[0])
     prompts = [ids(tokenizer, p) for p in PROMPTS]
     expected = [alone(model, tokenizer, s, p, 8) for s, p in zip(states, prompts)]
     batcher = ChatBatcher(model, tokenizer)

@@ -171,10 +171,12 @@ def test_saved_retrievers_rebuild_the_same_mplus_and_bad_files_are_refused(tmp_p
 
 def test_saved_retrievers_remember_how_writes_are_ranked(tmp_path):
     model, _, _ = small_mplus()
-    ranked = mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16, retrieval_unit="write", write_ranking="tokens")
+    ranked = mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16, retrieval_unit="write", write_ranking="tokens",
+                        focused_writes=2)  # fmt: skip
     save_retrievers(ranked, tmp_path, dtype=torch.float32)
     rebuilt = mplus_with_retrievers(model, tmp_path)
     assert (rebuilt.config.retrieval_unit, rebuilt.config.write_ranking) == ("write", "tokens")
+    assert rebuilt.config.focused_writes == 2
     assert rebuilt.fingerprint == ranked.fingerprint
 
 

@@ -371,7 +371,8 @@ def test_smollm2_preset_ships_only_its_memory_adapter():
     with safe_open(path, "pt") as f:
         names, metadata = list(f.keys()), f.metadata()
         dtypes = {f.get_tensor(name).dtype for name in names}
-    assert metadata == {"num_tokens": "32", "num_blocks": "16"} and dtypes == {torch.bfloat16}
+    assert metadata == {"num_tokens": "32", "num_blocks": "16", "focused_writes": "1", "isolated_writes": "True"}
+    assert dtypes == {torch.bfloat16}
     assert {"bos_embedding", "new_memory_positional_emb"} <= set(names)
     lora = [name for name in names if "lora_" in name]
     assert len(lora) == len(names) - 2
@@ -390,7 +391,7 @@ def test_smollm2_mplus_preset_ships_only_retrievers_and_says_how_to_rebuild_its_
     folder = preset_path("smollm2-135m-mplus")
     assert retriever_config(folder) == {"num_blocks": 20, "num_ltm_blocks": 4, "selector_hidden_dim": 64,
                                         "num_selector_layers": 2, "retrieved_slots_position": "before_newest_write",
-                                        "retrieval_unit": "write", "write_ranking": "tokens"}
+                                        "retrieval_unit": "write", "write_ranking": "tokens", "focused_writes": 1}
     with safe_open(folder / RETRIEVER_FILE, "pt") as f:
         names = list(f.keys())
         dtypes = {f.get_tensor(name).dtype for name in names}
@@ -410,6 +411,8 @@ def test_smollm2_mplus_preset_loads_as_an_mplus_over_the_shipped_adapter():
     mplus, tokenizer = load_model("smollm2-135m-mplus")
     assert isinstance(mplus, MPlus) and mplus.config.name_or_path == "latentmem-smollm2-135m-mplus"
     assert mplus.config.memory_size == 512 and mplus.config.retrieved_slots == 128  # the adapter's whole pool + 128
+    assert mplus.config.focused_writes == 1  # from the retrievers' header, as the MemoryLLM's from its adapter's
+    assert mplus.config.isolated_writes  # the MemoryLLM's writes, from its adapter's header
     memory = mplus.new_memory(0)
     for i in range(20):  # enough writes that the first ones leave short-term memory
         mplus.inject(memory, text=f"Note {i}: the lamp in room {i} is blue and the door is locked.", tokenizer=tokenizer)
@@ -541,7 +544,12 @@ def test_a_saved_memory_adapter_loads_into_a_fresh_model_and_checks_its_shape(tm
         for name, p in trained.named_parameters():
             if "lora_" in name or name in ("bos_embedding", "new_memory_positional_emb"):
                 p.normal_()
+    trained.config.focused_writes, trained.config.isolated_writes = 1, True
     save_memory_adapter(trained, tmp_path, dtype=torch.float32)
+    from latentmem.presets.adapter import adapter_layout
+
+    assert adapter_layout(tmp_path) == {"num_tokens": 8, "num_blocks": 4, "memory_positions": "pool", "focused_writes": 1,
+                                        "isolated_writes": True}  # fmt: skip
     fresh, _ = untrained_model(num_tokens=8, num_blocks=4)
     load_memory_adapter(fresh, tmp_path)
     assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.named_parameters())

@@ -65,3 +65,37 @@ def test_train_retriever_script_saves_retrievers_that_warm_retention_loads(tmp_p
     assert (rebuilt.config.num_blocks, rebuilt.config.num_ltm_blocks, rebuilt.config.selector_hidden_dim) == (10, 2, 32)
     assert rebuilt.config.retrieved_slots_position == "before_newest_write"
     assert all(torch.equal(v, model.retrievers.state_dict()[k]) for k, v in rebuilt.retrievers.state_dict().items())
+
+
+def test_stream_retention_scores_focused_reads_as_greedy_decoding_answers(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("stream_retention", SCRIPT.parent / "stream_retention.py")
+    stream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stream)
+    model, tokenizer = load_model("tiny")
+    model.config.focused_writes = 1
+    facts, filler = FactGenerator(31000, "heldout", (1, 2)), FillerStream(filler_paragraphs(source="stdlib"), 1)
+    memory, verdicts = model.new_memory(0), []
+    for i in range(6):
+        document = facts.document()
+        model.inject(memory, text=document.text, tokenizer=tokenizer, allow_short=True)
+        for _ in range(2):
+            model.inject(memory, text=filler.passage(20, 45), tokenizer=tokenizer, allow_short=True)
+        for qa in document.qa:
+            prompt, answer = qa_ids(tokenizer, qa)
+            forced = stream.answers_exactly(model, memory, prompt, answer, "focused1")
+            out = model.generate(prompt[None], memory=memory, max_new_tokens=answer.numel() - 1, do_sample=False,
+                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            assert forced == torch.equal(out[0, prompt.numel() :], answer[:-1]), qa
+            verdicts.append(forced)
+    assert any(verdicts) and not all(verdicts)  # both verdicts were checked
+    out = tmp_path / "stream.json"
+    argv = ["stream_retention.py", "--model", "tiny", "--facts", "4", "--warmup", "2", "--checkpoints", "0,3",
+            "--ways", "memoryllm,focused1", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    stream.main()
+    saved = json.loads(out.read_text())
+    assert len(saved["records"]) == 8 and {"memoryllm", "focused1", "ranked_first"} <= set(saved["records"][0])
+    assert saved["table"][0].startswith("| writes after | questions | memoryllm | focused1")

@@ -41,6 +41,19 @@ class MemoryLLMConfig(PretrainedConfig):
             distance grows with every later write), "per_write" (every write keeps the positions
             it had as the newest write; distances never grow) or "fixed" (every slot one step
             before the prompt). Official checkpoints always use "pool".
+        focused_writes: 0 (the release): a read attends to the whole short-term pool (M+: plus
+            what it retrieves). n > 0: a focused read (`focus.py`), in which each prompt attends
+            only to the n writes that share its rarest tokens, gathered from wherever their slots
+            are now (short-term pool; M+: long-term memory too) and repeated over a pool of N
+            slots, the best nearest the prompt. The adapters read one write filling the pool far
+            better than one write among many (docs/experiments.md); n=1 read best on SmolLM2.
+            A prompt sharing no rare token with any write reads the pool as it is.
+        isolated_writes: False (the release): a write reads the newest K slots before its text,
+            so each write's slots depend on the one before, and so on down the stream. True: every
+            write is computed from its text alone, as a write into an empty pool is (a text
+            shorter than K repeats its slots to K). On SmolLM2 the chained writes of a long stream
+            were read far worse than the same texts written alone (docs/experiments.md), so a
+            write's slots should not depend on how long the memory has been in use.
     """
 
     model_type = "latentmem_memoryllm"
@@ -59,8 +72,14 @@ class MemoryLLMConfig(PretrainedConfig):
         min_context_tokens: int = 16,
         token_shift: bool = False,
         memory_positions: str = "pool",
+        focused_writes: int = 0,
+        isolated_writes: bool = False,
         **kwargs: Any,
     ):
+        if focused_writes < 0:
+            raise ValueError(f"focused_writes must be >= 0, got {focused_writes}")
+        self.focused_writes = focused_writes
+        self.isolated_writes = isolated_writes
         self.token_shift = token_shift
         self.memory_positions = check_scheme(memory_positions)
         if isinstance(backbone_config, dict):
@@ -148,6 +167,8 @@ class MPlusConfig(MemoryLLMConfig):
             frequency among the writes in memory) of the prompt tokens it contains. For models whose
             first-layer slots do not keep their tokens: on `smollm2-135m-mplus` it ranked the
             answering write in the top 4 for 0.97 of held-out questions, the first layer's slots 0.10.
+        focused_writes (see `MemoryLLMConfig`): M+ ranks writes for a focused read with its
+            token index, so it needs `write_ranking="tokens"`.
     """
 
     RETRIEVED_POSITIONS = ("first", "before_newest_write", "last")
@@ -191,6 +212,9 @@ class MPlusConfig(MemoryLLMConfig):
             raise ValueError(f"write_ranking must be one of {', '.join(map(repr, self.WRITE_RANKINGS))}, got {write_ranking!r}")
         if write_ranking != "per_layer" and retrieval_unit != "write":
             raise ValueError(f"write_ranking={write_ranking!r} ranks whole writes: set retrieval_unit='write'")
+        if kwargs.get("focused_writes", 0) and write_ranking != "tokens":
+            raise ValueError("M+ ranks writes for focused reads by their tokens: set write_ranking='tokens' "
+                             "(with retrieval_unit='write')")  # fmt: skip
         self.retrieval_unit = retrieval_unit
         self.write_candidates = write_candidates
         self.write_ranking = write_ranking

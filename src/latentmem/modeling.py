@@ -26,7 +26,9 @@ from transformers.utils import logging
 from .adapters import AdapterSwitch
 from .attention import use_folded_gqa_attention
 from .config import MemoryLLMConfig
+from .focus import focused_pool, rank_pool_writes
 from .pool import forget_injections
+from .positions import prompt_start
 from .reading import PrefixCache, compute_memory_prefix
 from .state import MemoryState
 from .writing import InjectionResult, inject
@@ -207,7 +209,18 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         return None
 
     def note_write(self, memory: MemoryState, injection_id: int, token_ids: torch.Tensor) -> None:
-        """Called before a write's pool update with its token ids (MemoryLLM keeps no index of them)."""
+        """Called before a write's pool update with its token ids: with `focused_writes`, the
+        injection records the distinct ones (a long text's chunks add to the same record)."""
+        if not self.config.focused_writes:
+            return
+        record = memory.injections[injection_id]
+        seen = list(record.distinct_tokens or [])
+        known = set(seen)
+        for token in token_ids.reshape(-1).tolist():
+            if token not in known:
+                known.add(token)
+                seen.append(token)
+        record.distinct_tokens = seen
 
     def after_write(self, memory: MemoryState, evicted) -> None:
         """Called after every pool update with the evicted slots (MemoryLLM lets them go)."""
@@ -223,7 +236,23 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             raise KeyError(f"no injections with ids {sorted(unknown)} in this memory")
         return forget_injections(memory, ids)
 
-    # --- reading (reading.py) -------------------------------------------------------------
+    # --- reading (reading.py; focused reads: focus.py) ----------------------------------------
+    def focuses(self, memory) -> bool:
+        """Whether a read of `memory` is focused (`focused_writes`, see `focus.py`)."""
+        return bool(self.config.focused_writes) and isinstance(memory, MemoryState) and memory.initialized
+
+    def rank_writes_for(self, memory: MemoryState, prompt_ids: torch.Tensor):
+        """Writes best first for a focused read of `prompt_ids`: those in the pool, by shared rare tokens."""
+        return rank_pool_writes(memory, prompt_ids)
+
+    def reads_depend_on_prompt(self, memory: MemoryState) -> bool:
+        """Whether what a read of `memory` attends to depends on the prompt (focused reads)."""
+        return self.focuses(memory)
+
+    def read_prefix_length(self, memory: MemoryState) -> int:
+        """Entries a read of a written `memory` puts before the prompt: [bos ; pool]."""
+        return (1 if self.bos_embedding is not None else 0) + memory.num_slots
+
     def memory_prefix(self, memory: MemoryState | torch.Tensor):
         """Memory keys/values for reading.
 
@@ -255,6 +284,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         memory: MemoryState | torch.Tensor | None = None,
         past_key_values=None,
         previous_token_ids: torch.LongTensor | None = None,
+        focused: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal LM forward that reads `memory`; with `memory=None`, exactly the plain backbone.
@@ -266,9 +296,15 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         first token); the memory prefix is placed in front of them here. A `cache` passed back in
         must come from a previous call with the same memory. `previous_token_ids [B]`: the token
         before `input_ids` when continuing a cache (only models with token shift use it; `generate`
-        passes it).
+        passes it). With `focused_writes`, each prompt reads its best-ranked writes (`focus.py`);
+        `focused=False` reads the pool as it is.
         """
         cache = cache if cache is not None else past_key_values
+        if focused and self.focuses(memory):
+            return self._focused_forward(
+                memory, cache, input_ids, attention_mask, position_ids, labels, use_cache, logits_to_keep,
+                previous_token_ids, **kwargs,
+            )  # fmt: skip
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, inputs_embeds, previous_token_ids, attention_mask)
         common = dict(labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs)
         if memory is None:
@@ -287,6 +323,32 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         return self.read_after_prefix(
             prefix.length, cache, input_ids, attention_mask, position_ids, use_cache,
             prompt_start=prefix.prompt_start, **common,
+        )  # fmt: skip
+
+    def _focused_forward(
+        self, memory: MemoryState, cache, input_ids, attention_mask, position_ids, labels, use_cache,
+        logits_to_keep, previous_token_ids, **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """A read with `focused_writes`: each prompt attends to its best-ranked writes tiled over the
+        pool (`focus.py`); later generation steps continue the cache that first pass filled."""
+        self.check_state(memory)
+        if input_ids is None:
+            raise ValueError("focused reads rank writes by the prompt's tokens: pass input_ids (not inputs_embeds)")
+        prefix_length = self.read_prefix_length(memory)
+        start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
+        if cache is None or cache.get_seq_length() == 0:
+            cache = DynamicCache(config=self.backbone.config)
+            rows = [row if attention_mask is None else row[attention_mask[b].bool()] for b, row in enumerate(input_ids)]
+            with self.adapters.use("read"):
+                pools = [focused_pool(self, memory, ids) for ids in rows]
+                prefixes = [compute_memory_prefix(self, pool, sources=sources) for pool, sources in pools]
+            for i in range(memory.num_layers):  # one cache row per prompt, each with its own prefix
+                keys, values = zip(*(prefix.layer(i) for prefix in prefixes))
+                cache.update(torch.cat(keys), torch.cat(values), i)
+        input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)
+        return self.read_after_prefix(
+            prefix_length, cache, input_ids, attention_mask, position_ids, use_cache, prompt_start=start,
+            labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip
 
     def read_after_prefix(

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MPlusConfig
 from .ltm import release
-from .ltm.recall import prefill_with_retrieval
+from .ltm.recall import prefill_with_retrieval, token_ranking
 from .ltm.matching import distinct_first, match_projection, match_vectors
 from .ltm.retriever import LayerRetriever
 from .modeling import MemoryLLM
@@ -162,6 +162,19 @@ class MPlus(MemoryLLM):
         """R: long-term slots each layer retrieves (equal across layers, so one mask fits all)."""
         return min(memory.ltm.retrievable(i, self.config.retrieved_slots) for i in range(memory.num_layers))
 
+    def rank_writes_for(self, memory: MemoryState, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Writes best first for a focused read of `prompt_ids`: by the token index (`write_ranking="tokens"`)."""
+        return token_ranking(self, memory, prompt_ids)
+
+    def reads_depend_on_prompt(self, memory: MemoryState) -> bool:
+        """Whether what a read of `memory` attends to depends on the prompt (retrieved or focused slots)."""
+        return super().reads_depend_on_prompt(memory) or (memory.initialized and self.retrieval_count(memory) > 0)
+
+    def read_prefix_length(self, memory: MemoryState) -> int:
+        """Entries a read of `memory` puts before the prompt: [bos ; retrieved ; STM], or [bos ; focused pool]."""
+        count = 0 if self.focuses(memory) or not memory.initialized else self.retrieval_count(memory)
+        return super().read_prefix_length(memory) + count
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -183,11 +196,16 @@ class MPlus(MemoryLLM):
         `retrieve_fn` replaces the learned retrieval of the first pass (see `prefill_with_retrieval`).
         """
         cache = cache if cache is not None else past_key_values
+        if retrieve_fn is None and self.focuses(memory):
+            return self._focused_forward(
+                memory, cache, input_ids, attention_mask, position_ids, labels, use_cache, logits_to_keep,
+                previous_token_ids, **kwargs,
+            )  # fmt: skip
         count = self.retrieval_count(memory) if isinstance(memory, MemoryState) and memory.initialized else 0
         if count == 0:
             return super().forward(
                 input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, logits_to_keep,
-                memory, previous_token_ids=previous_token_ids, **kwargs,
+                memory, previous_token_ids=previous_token_ids, focused=False, **kwargs,
             )  # fmt: skip
         self.check_state(memory)
         if input_ids is None:
@@ -199,7 +217,7 @@ class MPlus(MemoryLLM):
                     retrieve_fn=retrieve_fn,
                 )  # fmt: skip
         # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
-        prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
+        prefix_length = self.read_prefix_length(memory)
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)
         start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
         return self.read_after_prefix(

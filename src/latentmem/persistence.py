@@ -60,8 +60,11 @@ REQUIRED = {
     "fingerprint": str, "shape": list, "dtype": str, "seed": int, "generator_state": str,
     "initialized": bool, "write_count": int, "injections": list, "checksum": str, "manifest_checksum": str,
 }  # fmt: skip
-# An injection record's fields (importance is optional: files from before it existed lack it).
-RECORD = {"id": int, "source": str, "tokens": int, "timestamp": (int, float), "importance": (int, float)}
+# An injection record's fields; the optional ones are absent from files written before they existed
+# (distinct_tokens: the token ids a focused read ranks by, null for models that read the whole pool).
+RECORD = {"id": int, "source": str, "tokens": int, "timestamp": (int, float), "importance": (int, float),
+          "distinct_tokens": (list, type(None))}  # fmt: skip
+OPTIONAL_RECORD = {"importance": 1.0, "distinct_tokens": None}
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 GENERATION = re.compile(r"[0-9a-f]{12}")  # a long-term store's generation id
 MAX_INT = 2**63 - 1  # counters and ids are int64 in tensors and in the server's index
@@ -434,12 +437,14 @@ def _is(value, kind) -> bool:
 def _check_records(path: str | Path, records: list) -> None:
     seen = set()
     for record in records:
-        if not isinstance(record, dict) or not (set(RECORD) - {"importance"} <= set(record) <= set(RECORD)):
+        if not isinstance(record, dict) or not (set(RECORD) - set(OPTIONAL_RECORD) <= set(record) <= set(RECORD)):
             raise MemoryFileError(f"{path} has a malformed injection record {str(record)[:200]}")
         for key, kind in RECORD.items():
-            value = record.get(key, 1.0)
+            value = record.get(key, OPTIONAL_RECORD.get(key))
             if not _is(value, kind) or (kind is int and not 0 <= value <= MAX_INT):
                 raise MemoryFileError(f"{path} has a malformed injection record: {key} {value!r}")
+        if record.get("distinct_tokens") and not all(_is(t, int) and 0 <= t <= MAX_INT for t in record["distinct_tokens"]):
+            raise MemoryFileError(f"{path} has a malformed injection record: distinct_tokens must be token ids")
         if not math.isfinite(record["timestamp"]) or not record.get("importance", 1.0) > 0:  # inf pins; NaN fails
             raise MemoryFileError(
                 f"{path} has a malformed injection record: timestamp {record['timestamp']!r} must be finite, "

@@ -34,6 +34,7 @@ class Injection:
     tokens: int
     timestamp: float = field(default_factory=time.time)
     importance: float = 1.0  # scales the value of its long-term slots; inf pins them
+    distinct_tokens: list[int] | None = None  # token ids written, in order (kept for focused reads: focus.py)
 
 
 class MemoryState:

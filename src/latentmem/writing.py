@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from .pool import write_slots
+from .pool import tile_to_fill, write_slots
 from .prefix import prefix_keys_values, rotary_embeddings
 from .state import MemoryState
 
@@ -151,13 +151,20 @@ def compute_new_slots_batch(model: MemoryLLM, states: list[MemoryState], context
 
 
 def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: list[torch.Tensor]) -> list:
-    """`compute_new_slots` of one context per state, empty and written pools alike, in (at most) two batches."""
-    empty = [b for b, state in enumerate(states) if not state.initialized]
-    filled = [b for b, state in enumerate(states) if state.initialized]
+    """`compute_new_slots` of one context per state, empty and written pools alike, in (at most) two batches.
+
+    With `isolated_writes`, every context is written as into an empty pool (its text alone), and a
+    written pool still takes K slots per write (a context shorter than K repeats its slots).
+    """
+    isolated = model.config.isolated_writes
+    empty = [b for b, state in enumerate(states) if isolated or not state.initialized]
+    filled = [b for b in range(len(states)) if b not in empty]
     slots = {}
     with model.adapters.use("write"):  # this call's adapter, whatever other threads compute meanwhile
         if empty:
-            slots.update(zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])))
+            K = model.config.num_tokens
+            for b, new in zip(empty, compute_first_write_slots(model, [contexts[b] for b in empty])):
+                slots[b] = tile_to_fill(new, K) if states[b].initialized else new
         if filled:
             slots.update(
                 zip(filled, compute_new_slots_batch(model, [states[b] for b in filled], [contexts[b] for b in filled]))
@@ -179,7 +186,7 @@ def store_slots(
         model.note_write(state, injection_id, context)
         context = context.numel()
     protected = model.protected_slots(state)
-    recomputed = max(0, new.shape[1] - context)
+    recomputed = 0 if model.config.isolated_writes else max(0, new.shape[1] - context)  # isolated: all its own
     per_layer = model.config.drop_memory_per_layer
     evicted = write_slots(state, new, injection_id, per_layer, protected=protected, recomputed=recomputed)
     model.after_write(state, evicted)

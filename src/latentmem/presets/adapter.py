@@ -36,13 +36,16 @@ def adapter_shape(adapter_folder: str | Path) -> tuple[int, int]:
 
 
 def adapter_layout(adapter_folder: str | Path) -> dict:
-    """The memory fields a memory adapter was trained with (K, blocks, memory positions), from its header."""
+    """The memory fields a memory adapter was trained with (K, blocks, memory positions) and how it
+    writes and reads best (isolated writes, focused reads), from its header."""
     from safetensors import safe_open
 
     with safe_open(_adapter_file(adapter_folder), "pt") as f:
         meta = f.metadata()
     return {"num_tokens": int(meta["num_tokens"]), "num_blocks": int(meta["num_blocks"]),
-            "memory_positions": meta.get("memory_positions", "pool")}  # fmt: skip (older files: the release's)
+            "memory_positions": meta.get("memory_positions", "pool"),  # older files: the release's
+            "focused_writes": int(meta.get("focused_writes", 0)),
+            "isolated_writes": meta.get("isolated_writes", "False") == "True"}  # fmt: skip
 
 
 def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:

@@ -20,7 +20,7 @@ RETRIEVER_FILE = "retriever.safetensors"
 RETRIEVER_FIELDS = ("num_blocks", "num_ltm_blocks", "selector_hidden_dim", "num_selector_layers",
                     "retrieved_slots_position")  # fmt: skip
 # How the M+ chooses what it reads; files written before these fields existed read as the defaults.
-OPTIONAL_RETRIEVER_FIELDS = {"retrieval_unit": "slot", "write_ranking": "per_layer"}
+OPTIONAL_RETRIEVER_FIELDS = {"retrieval_unit": "slot", "write_ranking": "per_layer", "focused_writes": 0}
 # latentmem never uses the retrievers' encoder_query_proj (it exists to load the release's checkpoints).
 UNUSED_RETRIEVER_PART = ".encoder_query_proj."
 
@@ -32,7 +32,8 @@ def mplus_from(model: MemoryLLM, seed: int = 0, **ltm_config) -> MPlus:
     `num_ltm_blocks` then come from long-term memory, so M+ reads as many slots as `model` does.
     """
     fields = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+    # focused reads rank writes differently in M+ (its token index): they are the M+'s own choice
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "focused_writes"):
         fields.pop(key, None)
     with torch.random.fork_rng(devices=[]):  # seeded retrievers without touching the caller's RNG
         torch.manual_seed(seed)
@@ -58,7 +59,8 @@ def retriever_config(folder: str | Path) -> dict:
     if missing:
         raise ValueError(f"{path} lacks the M+ fields {missing} in its header (not written by save_retrievers?)")
     fields = {k: meta[k] if k == "retrieved_slots_position" else int(meta[k]) for k in RETRIEVER_FIELDS}
-    return fields | {k: meta.get(k, default) for k, default in OPTIONAL_RETRIEVER_FIELDS.items()}
+    optional = {k: type(default)(meta.get(k, default)) for k, default in OPTIONAL_RETRIEVER_FIELDS.items()}
+    return fields | optional
 
 
 def mplus_with_retrievers(model: MemoryLLM, folder: str | Path) -> MPlus:

@@ -271,8 +271,8 @@ class ChatBatcher(_Scheduler):
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), memory=row.state, use_cache=True,
                     logits_to_keep=1)  # fmt: skip
         row.cache = out.cache
-        # as M+ numbers later steps: the prompt starts after [bos ; retrieved ; STM]
-        length = (1 if model.bos_embedding is not None else 0) + model.retrieval_count(row.state) + row.state.num_slots
+        # as M+ numbers later steps: the prompt starts after [bos ; retrieved ; STM] (or the focused pool)
+        length = model.read_prefix_length(row.state)
         row.position = prompt_start(model.config.memory_positions, length, model.config.num_tokens) + len(row.prompt)
         row.previous = row.prompt[-1]
         return out.logits[0, -1]
@@ -338,9 +338,9 @@ _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # 4-D: taken as prepared, n
 
 
 def _retrieves(model, state) -> bool:
-    """Whether a read of `state` retrieves long-term slots (M+): then its prefix depends on the prompt."""
-    count = getattr(model, "retrieval_count", None)
-    return count is not None and state.initialized and count(state) > 0
+    """Whether a read of `state` retrieves or focuses (M+): then its prefix depends on the prompt."""
+    depends = getattr(model, "reads_depend_on_prompt", None)
+    return depends is not None and depends(state)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> int:

@@ -233,7 +233,9 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
                if "lora_" in n or n in ("bos_embedding", "new_memory_positional_emb")}  # fmt: skip
     save_file(tensors, folder / ADAPTER_FILE, metadata={"num_tokens": str(model.config.num_tokens),
                                                         "num_blocks": str(model.config.num_blocks),
-                                                        "memory_positions": model.config.memory_positions})  # fmt: skip
+                                                        "memory_positions": model.config.memory_positions,
+                                                        "focused_writes": str(model.config.focused_writes),
+                                                        "isolated_writes": str(model.config.isolated_writes)})  # fmt: skip
     return folder / ADAPTER_FILE
 
 

@@ -1,0 +1,144 @@
+"""Focused reads (`focused_writes`, focus.py): a prompt reads its best-ranked writes, tiled over the pool."""
+
+import pytest
+import torch
+from conftest import make_model
+from test_mplus import make_mplus, random_ids
+
+from latentmem.config import MPlusConfig
+from latentmem.focus import focused_pool, rank_pool_writes, write_slots
+from latentmem.modeling import MemoryLLM
+
+
+def _written(writes: int = 10, **overrides):
+    """A focused M+ and a memory of `writes` random contexts (enough that early writes reach long-term memory)."""
+    model = make_mplus(retrieval_unit="write", write_ranking="tokens", focused_writes=1, update_ltm_frequency=100,
+                       **overrides)  # fmt: skip
+    state = model.new_memory(seed=0)
+    contexts = [random_ids(20, seed=100 + i) for i in range(writes)]
+    for context in contexts:
+        model.inject(state, input_ids=context)
+    return model, state, dict(zip(sorted(state.injections), contexts))
+
+
+def _rare_tokens(contexts: dict, write: int) -> torch.Tensor:
+    others = torch.cat([c for w, c in contexts.items() if w != write])
+    rare = contexts[write][~torch.isin(contexts[write], others)][:4]
+    assert len(rare), "random contexts share every token: pick another seed"
+    return rare
+
+
+def test_the_pool_is_the_prompts_write_alone_tiled_whether_its_slots_are_short_or_long_term():
+    model, state, contexts = _written()
+    target = min(contexts)  # the oldest write: most of its slots were evicted to long-term memory
+    assert target in state.ltm.sources(0).tolist()
+    pool, sources = focused_pool(model, state, _rare_tokens(contexts, target))
+    assert pool.shape == state.stm.shape and (sources == target).all()
+    for layer in range(state.num_layers):
+        own = write_slots(state, layer, target)
+        assert 0 < len(own) <= state.num_slots
+        assert torch.equal(pool[layer, -len(own) :], own)  # its newest copy sits nearest the prompt
+        assert torch.equal(pool[layer, : len(own)], own) or state.num_slots % len(own)  # repeated from the front
+
+
+def test_a_focused_read_equals_a_read_of_that_pool_in_the_first_pass_and_in_generation():
+    model, state, contexts = _written()
+    prompt = _rare_tokens(contexts, min(contexts))[None]
+    pool, _ = focused_pool(model, state, prompt[0])
+    focused = model(prompt, memory=state).logits
+    reference = MemoryLLM.forward(model, prompt, memory=pool).logits  # a raw pool reads in pool order
+    torch.testing.assert_close(focused, reference)
+    generated = model.generate(prompt, memory=state, max_new_tokens=5, do_sample=False)
+    expected = MemoryLLM.generate(model, prompt, memory=pool, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, expected)
+
+
+def test_each_prompt_of_a_batch_reads_its_own_writes():
+    model, state, contexts = _written()
+    first, last = min(contexts), max(contexts)
+    rows = [_rare_tokens(contexts, first)[:3], _rare_tokens(contexts, last)[:3]]
+    batch = model(torch.stack(rows), memory=state).logits
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(batch[i], model(row[None], memory=state).logits[0])
+    assert not torch.allclose(batch[0], batch[1])
+
+
+def test_a_prompt_sharing_no_token_with_any_write_reads_the_short_term_pool():
+    model, state, contexts = _written()
+    used = torch.unique(torch.cat(list(contexts.values())))
+    unseen = torch.tensor([t for t in range(model.backbone.config.vocab_size) if t not in used.tolist()][:3])
+    torch.testing.assert_close(model(unseen[None], memory=state).logits,
+                               MemoryLLM.forward(model, unseen[None], memory=state, focused=False).logits)  # fmt: skip
+
+
+def test_focused_reads_need_the_token_ranking():
+    with pytest.raises(ValueError, match="write_ranking='tokens'"):  # M+ ranks by its token index
+        MPlusConfig(retrieval_unit="write", write_ranking="first_layer", focused_writes=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        MPlusConfig(retrieval_unit="write", write_ranking="tokens", focused_writes=-1)
+
+
+# --- MemoryLLM: the writes still in the short-term pool, ranked by the token ids each one recorded
+
+
+def _memoryllm(writes: int, **overrides):
+    model = make_model(focused_writes=1, **overrides)
+    state = model.new_memory(seed=0)
+    contexts = [random_ids(20, seed=200 + i) for i in range(writes)]
+    for context in contexts:
+        model.inject(state, input_ids=context)
+    return model, state, dict(zip(sorted(state.injections), contexts))
+
+
+def test_memoryllm_writes_record_their_distinct_tokens_and_a_rare_shared_token_ranks_a_write_first():
+    model, state, contexts = _memoryllm(6)
+    for write, context in contexts.items():
+        assert state.injections[write].distinct_tokens == list(dict.fromkeys(context.reshape(-1).tolist()))
+    in_pool = set(torch.unique(state.sources).tolist())
+    for write in contexts:
+        if write in in_pool:
+            assert rank_pool_writes(state, _rare_tokens(contexts, write))[0] == write
+    everywhere = set.intersection(*(set(c.reshape(-1).tolist()) for c in contexts.values()))
+    assert rank_pool_writes(state, torch.tensor(sorted(everywhere) or [10**6])) == []  # common tokens weigh nothing
+
+
+def test_a_memoryllm_focused_read_attends_to_the_writes_surviving_slots_tiled():
+    model, state, contexts = _memoryllm(6)
+    target = sorted(set(torch.unique(state.sources).tolist()) & set(contexts))[0]  # the oldest still in the pool
+    prompt = _rare_tokens(contexts, target)
+    pool, sources = focused_pool(model, state, prompt)
+    assert (sources == target).all()
+    for layer in range(state.num_layers):
+        own = state.stm[layer][state.sources[layer] == target]
+        torch.testing.assert_close(pool[layer, -len(own) :], own)
+    torch.testing.assert_close(model(prompt[None], memory=state).logits,
+                               MemoryLLM.forward(model, prompt[None], memory=pool).logits)  # fmt: skip
+    unfocused = model(prompt[None], memory=state, focused=False).logits
+    assert not torch.allclose(unfocused, model(prompt[None], memory=state).logits)
+
+
+def test_recorded_tokens_survive_save_and_load_and_models_without_focus_record_none(tmp_path):
+    from latentmem.state import MemoryState
+
+    model, state, contexts = _memoryllm(3)
+    state.save(tmp_path / "memory")
+    loaded = MemoryState.load(tmp_path / "memory", model)
+    assert {w: i.distinct_tokens for w, i in loaded.injections.items()} == {
+        w: i.distinct_tokens for w, i in state.injections.items()
+    }
+    # a model without focused reads records no token ids; its file has none and loads
+    model = make_model()
+    state = model.new_memory(seed=0)
+    model.inject(state, input_ids=random_ids(20, seed=1))
+    state.save(tmp_path / "plain")
+    assert MemoryState.load(tmp_path / "plain", model).injections[0].distinct_tokens is None
+
+
+def test_an_mplus_built_from_a_focused_memoryllm_chooses_its_own_focus():
+    from latentmem.presets.retrievers import mplus_from
+
+    model = make_model(focused_writes=1)
+    assert mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16).config.focused_writes == 0  # per-layer ranking
+    ranked = mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16, retrieval_unit="write", write_ranking="tokens",
+                        focused_writes=1)  # fmt: skip
+    assert ranked.config.focused_writes == 1
