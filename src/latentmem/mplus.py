@@ -216,8 +216,9 @@ class MPlus(MemoryLLM):
                     self, memory, input_ids, attention_mask, position_ids, count, labels, logits_to_keep, use_cache,
                     retrieve_fn=retrieve_fn,
                 )  # fmt: skip
-        # Later generation steps: [bos ; retrieved ; STM] is already in the cache.
-        prefix_length = self.read_prefix_length(memory)
+        # Later generation steps: [bos ; retrieved ; STM] is already in the cache (here even with
+        # focused_writes: a retrieve_fn asked for retrieval).
+        prefix_length = (1 if self.bos_embedding is not None else 0) + count + memory.num_slots
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, None, previous_token_ids, attention_mask)
         start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
         return self.read_after_prefix(
