@@ -214,13 +214,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if not self.config.focused_writes:
             return
         record = memory.injections[injection_id]
-        seen = list(record.distinct_tokens or [])
-        known = set(seen)
-        for token in token_ids.reshape(-1).tolist():
-            if token not in known:
-                known.add(token)
-                seen.append(token)
-        record.distinct_tokens = seen
+        record.distinct_tokens = list(dict.fromkeys([*(record.distinct_tokens or []), *token_ids.reshape(-1).tolist()]))
 
     def after_write(self, memory: MemoryState, evicted) -> None:
         """Called after every pool update with the evicted slots (MemoryLLM lets them go)."""
