@@ -93,6 +93,7 @@ def focused_pool(model: "MemoryLLM", state: MemoryState, prompt_ids: torch.Tenso
 
 
 def _tile(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """`rows` repeated along dim 0 to exactly `count`, ending with its last row (cut from the front)."""
+    """`rows` repeated along dim 0 to exactly `count`, cut from the front: a whole copy sits nearest
+    the prompt (`pool.tile_to_fill`, for first writes, ends with a partial copy instead)."""
     copies = -(-count // len(rows))
     return rows.repeat(copies, *([1] * (rows.dim() - 1)))[-count:]
