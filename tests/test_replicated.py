@@ -366,9 +366,19 @@ def test_ray_replica_killed_during_writes_loses_no_acknowledged_write(ray_serve)
     served_by: dict[str, int] = {}
     answers: list[tuple[float, str]] = []
 
+    killed_at: list[float] = []  # set once the replica is dead
+
+    def after_kill(started: float) -> bool:
+        return bool(killed_at) and started > killed_at[0] + 2  # the router has had time to see the death
+
     def writer(key, session):
+        # Writes go on until each writer has had three answered after the kill: a fast machine must not finish
+        # the whole plan before the kill lands (the test then says nothing about failover).
         with _http(base, key) as c:
-            for i in range(12):
+            mine_after = 0
+            for i in range(400):
+                if mine_after >= 3:
+                    break
                 started = time.monotonic()
                 reply = _retrying(lambda i=i: _inject(c, session, f"{session}-{i}"))
                 assert reply.status_code == 200, reply.text
@@ -376,6 +386,7 @@ def test_ray_replica_killed_during_writes_loses_no_acknowledged_write(ray_serve)
                 replica = reply.headers.get("x-latentmem-replica")
                 served_by[replica] = served_by.get(replica, 0) + 1
                 answers.append((started, replica))
+                mine_after += after_kill(started)
 
     threads = [threading.Thread(target=writer, args=s) for s in sessions]
     [t.start() for t in threads]
@@ -385,9 +396,9 @@ def test_ray_replica_killed_during_writes_loses_no_acknowledged_write(ray_serve)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
     assert names, (victim, ray.util.list_named_actors(all_namespaces=True))
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)  # kill -9 of a replica, mid-writes
-    killed = time.monotonic()
+    killed_at.append(time.monotonic())
     [t.join() for t in threads]
-    later = [replica for started, replica in answers if started > killed + 2]
+    later = [replica for started, replica in answers if after_kill(started)]
     assert later and victim not in later  # writes went on, on the other replicas only
     for (key, session), sources in acked.items():
         with _http(base, key) as c:
