@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--ways", default="memoryllm,mplus,focused1")
     parser.add_argument("--kinds", default="facts,notes", help="fact generators to alternate: facts (biographies), notes")
     parser.add_argument("--isolated-writes", action="store_true", help="write every text alone (isolated_writes)")
+    parser.add_argument("--num-blocks", type=int, help="short-term pool of this many blocks of K slots (no weight depends on it)")
     parser.add_argument("--seed", type=int, default=90000)
     parser.add_argument("--out", type=Path, help="write the records and the table here (json)")
     parser.add_argument("--threads", type=int, default=2)
@@ -71,6 +72,8 @@ def main() -> None:
     ways = args.ways.split(",")
     model, tokenizer = load_model(args.model)
     model.config.isolated_writes = args.isolated_writes or model.config.isolated_writes
+    if args.num_blocks:
+        model.config.num_blocks = args.num_blocks
     if any(way.startswith("focused") for way in ways):
         model.config.focused_writes = model.config.focused_writes or 1  # writes record what focused reads rank by
     generators = {"facts": FactGenerator(args.seed, "heldout", (1, 2)), "notes": NoteGenerator(args.seed + 1, "heldout")}

@@ -193,6 +193,8 @@ def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch(focused)
     [batcher.wait(row) for row in rows]
     batcher.close()
     assert [row.tokens for row in rows] == expected and batcher.max_batch == 3
+    # a focused model reads an empty memory as its base model: that row decodes in a pack of its own
+    assert [row.role for row in rows] == (["base", "read", "read"] if focused else ["read"] * 3)
 
 
 def test_the_server_answers_the_same_with_and_without_batching(tmp_path):

@@ -1,4 +1,4 @@
-"""Focused reads (`focused_writes`, focus.py): a prompt reads its best-ranked writes, tiled over the pool."""
+"""Focused reads (`focused_writes`, focus.py): a prompt reads its best-ranked writes, K slots each, once."""
 
 import pytest
 import torch
@@ -12,8 +12,8 @@ from latentmem.modeling import MemoryLLM
 
 def _written(writes: int = 10, **overrides):
     """A focused M+ and a memory of `writes` random contexts (enough that early writes reach long-term memory)."""
-    model = make_mplus(retrieval_unit="write", write_ranking="tokens", focused_writes=1, update_ltm_frequency=100,
-                       **overrides)  # fmt: skip
+    options = dict(retrieval_unit="write", write_ranking="tokens", focused_writes=1, update_ltm_frequency=100)
+    model = make_mplus(**{**options, **overrides})
     state = model.new_memory(seed=0)
     contexts = [random_ids(20, seed=100 + i) for i in range(writes)]
     for context in contexts:
@@ -28,18 +28,48 @@ def _rare_tokens(contexts: dict, write: int) -> torch.Tensor:
     return rare
 
 
-def test_the_pool_is_the_prompts_write_alone_tiled_whether_its_slots_are_short_or_long_term():
+def _expected(own: torch.Tensor, k: int) -> torch.Tensor:
+    """A write's K slots as a focused read sees them: its first K, or the ones left repeated up to K."""
+    return own[:k] if len(own) >= k else own.repeat(-(-k // len(own)), 1)[-k:]
+
+
+def test_the_pool_is_the_prompts_write_alone_once_whether_its_slots_are_short_or_long_term():
     model, state, contexts = _written()
+    k = model.config.num_tokens
     target = min(contexts)  # the oldest write: most of its slots were evicted to long-term memory
     assert target in state.ltm.sources(0).tolist()
     pool, sources = focused_pool(model, state, _rare_tokens(contexts, target))
-    assert pool.shape == state.stm.shape and (sources == target).all()
+    assert pool.shape == (state.num_layers, k, state.stm.shape[-1]) and (sources == target).all()
     for layer in range(state.num_layers):
         own = write_slots(state, layer, target)
-        assert 0 < len(own) <= state.num_slots
-        assert torch.equal(pool[layer, -len(own) :], own)  # its newest copy sits nearest the prompt
-        assert torch.equal(pool[layer, : len(own)], own) or state.num_slots % len(own)  # repeated from the front
+        assert 0 < len(own)
+        assert torch.equal(pool[layer], _expected(own, k))
+    assert model.read_prefix_length(state) == 1 + k  # [bos ; K slots], not the N-slot pool
 
+
+def test_two_focused_writes_read_the_best_nearest_the_prompt():
+    model, state, contexts = _written(focused_writes=2)
+    k = model.config.num_tokens
+    best, second = min(contexts), max(contexts)
+    prompt = torch.cat([_rare_tokens(contexts, best), _rare_tokens(contexts, best), _rare_tokens(contexts, second)])
+    ranked = [int(w) for w in model.rank_writes_for(state, prompt)[:2]]
+    assert ranked == [best, second]
+    pool, sources = focused_pool(model, state, prompt)
+    assert pool.shape[1] == 2 * k and (sources[:, :k] == second).all() and (sources[:, k:] == best).all()
+    assert model.read_prefix_length(state) == 1 + 2 * k
+
+
+def test_a_write_that_lost_slots_repeats_the_ones_left_up_to_k():
+    model, state, contexts = _written()
+    k = model.config.num_tokens
+    target = max(contexts)
+    keep = (state.sources[0] == target).nonzero()[:3, 0]  # drop all but 3 of its slots in layer 0
+    lost = (state.sources[0] == target).clone()
+    lost[keep] = False
+    state.sources[0][lost] = -7  # now another (unknown) write's
+    pool, _ = focused_pool(model, state, _rare_tokens(contexts, target))
+    left = state.stm[0][keep]
+    assert torch.equal(pool[0], left.repeat(-(-k // 3), 1)[-k:])
 
 def test_a_focused_read_equals_a_read_of_that_pool_in_the_first_pass_and_in_generation():
     model, state, contexts = _written()
@@ -63,12 +93,15 @@ def test_each_prompt_of_a_batch_reads_its_own_writes():
     assert not torch.allclose(batch[0], batch[1])
 
 
-def test_a_prompt_sharing_no_token_with_any_write_reads_the_short_term_pool():
+def test_a_prompt_sharing_no_token_with_any_write_reads_the_newest_write():
     model, state, contexts = _written()
+    k = model.config.num_tokens
     used = torch.unique(torch.cat(list(contexts.values())))
     unseen = torch.tensor([t for t in range(model.backbone.config.vocab_size) if t not in used.tolist()][:3])
+    pool, sources = focused_pool(model, state, unseen)
+    assert torch.equal(pool, state.stm[:, -k:]) and torch.equal(sources, state.sources[:, -k:])
     torch.testing.assert_close(model(unseen[None], memory=state).logits,
-                               MemoryLLM.forward(model, unseen[None], memory=state, focused=False).logits)  # fmt: skip
+                               MemoryLLM.forward(model, unseen[None], memory=pool).logits)  # fmt: skip
 
 
 def test_focused_reads_need_the_token_ranking():
@@ -102,15 +135,16 @@ def test_memoryllm_writes_record_their_distinct_tokens_and_a_rare_shared_token_r
     assert rank_pool_writes(state, torch.tensor(sorted(everywhere) or [10**6])) == []  # common tokens weigh nothing
 
 
-def test_a_memoryllm_focused_read_attends_to_the_writes_surviving_slots_tiled():
+def test_a_memoryllm_focused_read_attends_to_the_writes_surviving_slots_once():
     model, state, contexts = _memoryllm(6)
+    k = model.config.num_tokens
     target = sorted(set(torch.unique(state.sources).tolist()) & set(contexts))[0]  # the oldest still in the pool
     prompt = _rare_tokens(contexts, target)
     pool, sources = focused_pool(model, state, prompt)
-    assert (sources == target).all()
+    assert (sources == target).all() and pool.shape[1] == k
     for layer in range(state.num_layers):
         own = state.stm[layer][state.sources[layer] == target]
-        torch.testing.assert_close(pool[layer, -len(own) :], own)
+        torch.testing.assert_close(pool[layer], _expected(own, k))
     torch.testing.assert_close(model(prompt[None], memory=state).logits,
                                MemoryLLM.forward(model, prompt[None], memory=pool).logits)  # fmt: skip
     unfocused = model(prompt[None], memory=state, focused=False).logits
@@ -142,3 +176,23 @@ def test_an_mplus_built_from_a_focused_memoryllm_chooses_its_own_focus():
     ranked = mplus_from(model, num_ltm_blocks=1, selector_hidden_dim=16, retrieval_unit="write", write_ranking="tokens",
                         focused_writes=1)  # fmt: skip
     assert ranked.config.focused_writes == 1
+
+
+def test_a_focused_model_reads_an_empty_memory_as_its_base_model():
+    prompt = random_ids(12, seed=5)
+    for model in (make_model(focused_writes=1), _written()[0]):
+        empty = model.new_memory(seed=0)
+        assert model.reads_without_memory(empty)
+        torch.testing.assert_close(model(prompt, memory=empty).logits, model(prompt, memory=None).logits)
+        assert torch.equal(model.generate(prompt, memory=empty, max_new_tokens=4, do_sample=False),
+                           model.generate(prompt, memory=None, max_new_tokens=4, do_sample=False))  # fmt: skip
+    release = make_model()  # without focus an empty memory is read through the read adapter, as the release does
+    assert not release.reads_without_memory(release.new_memory(seed=0))
+    assert not torch.allclose(release(prompt, memory=release.new_memory(seed=0)).logits, release(prompt).logits)
+
+
+def test_one_or_two_writes_are_ranked_by_the_tokens_they_share():
+    for model, state, contexts in (_memoryllm(1), _memoryllm(2), _written(2)):
+        for write in contexts:
+            rare = _rare_tokens(contexts, write) if len(contexts) > 1 else contexts[write][0, :3]
+            assert int(model.rank_writes_for(state, rare)[0]) == write

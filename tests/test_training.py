@@ -371,7 +371,8 @@ def test_smollm2_preset_ships_only_its_memory_adapter():
     with safe_open(path, "pt") as f:
         names, metadata = list(f.keys()), f.metadata()
         dtypes = {f.get_tensor(name).dtype for name in names}
-    assert metadata == {"num_tokens": "32", "num_blocks": "16", "focused_writes": "1", "isolated_writes": "True"}
+    assert metadata == {"num_tokens": "32", "num_blocks": "16", "focused_writes": "1", "isolated_writes": "True",
+                        "chunk_size": "64"}  # fmt: skip
     assert dtypes == {torch.bfloat16}
     assert {"bos_embedding", "new_memory_positional_emb"} <= set(names)
     lora = [name for name in names if "lora_" in name]
@@ -544,12 +545,12 @@ def test_a_saved_memory_adapter_loads_into_a_fresh_model_and_checks_its_shape(tm
         for name, p in trained.named_parameters():
             if "lora_" in name or name in ("bos_embedding", "new_memory_positional_emb"):
                 p.normal_()
-    trained.config.focused_writes, trained.config.isolated_writes = 1, True
+    trained.config.focused_writes, trained.config.isolated_writes, trained.config.chunk_size = 1, True, 24
     save_memory_adapter(trained, tmp_path, dtype=torch.float32)
     from latentmem.presets.adapter import adapter_layout
 
     assert adapter_layout(tmp_path) == {"num_tokens": 8, "num_blocks": 4, "memory_positions": "pool", "focused_writes": 1,
-                                        "isolated_writes": True}  # fmt: skip
+                                        "isolated_writes": True, "chunk_size": 24}  # fmt: skip
     fresh, _ = untrained_model(num_tokens=8, num_blocks=4)
     load_memory_adapter(fresh, tmp_path)
     assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.named_parameters())

@@ -44,10 +44,11 @@ class MemoryLLMConfig(PretrainedConfig):
         focused_writes: 0 (the release): a read attends to the whole short-term pool (M+: plus
             what it retrieves). n > 0: a focused read (`focus.py`), in which each prompt attends
             only to the n writes that share its rarest tokens, gathered from wherever their slots
-            are now (short-term pool; M+: long-term memory too) and repeated over a pool of N
-            slots, the best nearest the prompt. The adapters read one write filling the pool far
-            better than one write among many (docs/experiments.md); n=1 read best on SmolLM2.
-            A prompt sharing no rare token with any write reads the pool as it is.
+            are now (short-term pool; M+: long-term memory too), K slots each, once, the best
+            nearest the prompt: [bos ; K slots ; prompt], the layout the adapters were trained on.
+            They read one write alone far better than one write among many (docs/experiments.md);
+            n=1 read best on SmolLM2. A prompt sharing no rare token with any write reads the
+            newest n writes.
         isolated_writes: False (the release): a write reads the newest K slots before its text,
             so each write's slots depend on the one before, and so on down the stream. True: every
             write is computed from its text alone, as a write into an empty pool is (a text

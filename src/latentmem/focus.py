@@ -1,13 +1,14 @@
 """Focused reads (`focused_writes`): a prompt reads only the writes that share its rarest tokens.
 
-Why: the memory adapters read one write well when it fills the pool, and badly among other
-writes. On SmolLM2 (docs/experiments.md) a note written into an empty memory (tiled over the pool)
-is answered far more often than the same note read among the pool's other writes, even when every
-one of its slots is still there, while ranking writes by the rare tokens they share with the
-question finds the answering write among hundreds. So a focused read ranks the writes in memory
-for the prompt, gathers the best writes' slots wherever they now live (short-term pool, or M+'s
-long-term store), and reads them repeated over a pool of the usual size, the best write nearest
-the prompt: the reading the adapter does best, for a write however many writes ago.
+Why: the memory adapters read one write well alone, and badly among other writes. On SmolLM2
+(docs/experiments.md) a note written into an empty memory is answered far more often than the same
+note read among the pool's other writes, even when every one of its slots is still there, while
+ranking writes by the rare tokens they share with the question finds the answering write among
+hundreds. So a focused read ranks the writes in memory for the prompt, gathers the best writes'
+slots wherever they now live (short-term pool, or M+'s long-term store), and reads each once,
+[bos ; K slots ; prompt], the best write nearest the prompt: the layout the adapters were trained
+on, for a write however many writes ago, at the cost of reading K slots instead of N. (Repeating the
+write over an N-slot pool, as a first write fills an empty one, read 0.53 where one copy reads 0.68.)
 
 Ranking: M+ uses its token index (`ltm/matching.py:rank_writes_by_tokens`, with long-term memory
 reaching far back); MemoryLLM ranks the writes that still hold slots in the pool by the distinct
@@ -18,12 +19,11 @@ decides.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from .ltm.matching import positions_of
+from .ltm.matching import positions_of, token_weight
 from .state import EXTERNAL, MemoryState
 
 if TYPE_CHECKING:
@@ -37,14 +37,14 @@ MAX_TRIED = 16
 def rank_pool_writes(state: MemoryState, prompt_ids: torch.Tensor) -> list[int]:
     """Injection ids of the writes with slots in the short-term pool that share a token with
     `prompt_ids [n]`, best first: the sum of the shared tokens' inverse document frequencies
-    (BM25's, over those writes), ties to the newer write; writes sharing only common tokens are left out."""
+    (`ltm.matching.token_weight`, over those writes), ties to the newer write; writes sharing only
+    common tokens are left out."""
     present = [w for w in torch.unique(state.sources).tolist() if w != EXTERNAL]
     tokens = {w: set(state.injections[w].distinct_tokens or ()) for w in present if w in state.injections}
     tokens = {w: t for w, t in tokens.items() if t}
     prompt = set(prompt_ids.reshape(-1).tolist())
     df = {t: sum(t in held for held in tokens.values()) for t in prompt}
-    n = len(tokens)
-    idf = {t: max(0.0, math.log((n - d + 0.5) / (d + 0.5))) for t, d in df.items() if d}
+    idf = {t: token_weight(d, len(tokens)) for t, d in df.items() if d}
     scores = {w: sum(idf.get(t, 0.0) for t in prompt & held) for w, held in tokens.items()}
     ranked = sorted((w for w, score in scores.items() if score > 0), reverse=True)  # newest first, then
     return sorted(ranked, key=lambda w: -scores[w])  # by score (stable: ties keep the newer first)
@@ -64,32 +64,41 @@ def write_slots(state: MemoryState, layer: int, write: int) -> torch.Tensor:
 
 
 def focused_pool(model: "MemoryLLM", state: MemoryState, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool `[L, N, d]`, sources `[L, N]`) a focused read of `prompt_ids [n]` attends to.
+    """(pool `[L, n*K, d]`, sources `[L, n*K]`) a focused read of `prompt_ids [n]` attends to.
 
-    Per layer: the slots of the `focused_writes` best-ranked writes that hold any there (the best
-    last, nearest the prompt), repeated to fill the N slots of the short-term pool (its newest
-    copies last). A layer where no ranked write holds a slot, or a prompt that shares no rare
-    token with any write, reads the short-term pool as it is.
+    Per layer: the K slots of each of the n = `focused_writes` best-ranked writes that hold any
+    there, once each, the best last (nearest the prompt). That is the layout the adapters are
+    trained to read: [bos ; one write's K slots]. A write that lost slots (random drops) repeats
+    the ones left up to K; a write tiled over an empty pool gives one whole copy. A layer where
+    fewer than n ranked writes hold slots repeats the ones found; a layer where none does, or a
+    prompt that shares no rare token with any write, reads the pool's newest n*K slots.
     """
     ranked = list(model.rank_writes_for(state, prompt_ids))[:MAX_TRIED]
-    wanted = model.config.focused_writes
+    wanted, per_write = model.config.focused_writes, model.config.num_tokens
+    size = wanted * per_write
     pools, sources = [], []
     for layer in range(state.num_layers):
         parts, owners = [], []
         for write in ranked:
             slots = write_slots(state, layer, write)
             if len(slots):
-                parts.append(slots)
-                owners.append(torch.full((len(slots),), write, dtype=torch.long))
+                parts.append(_fit(slots, per_write))
+                owners.append(torch.full((per_write,), write, dtype=torch.long))
             if len(parts) == wanted:
                 break
         if not parts:
-            pools.append(state.stm[layer])
-            sources.append(state.sources[layer])
+            pools.append(_tile(state.stm[layer][-size:], size))
+            sources.append(_tile(state.sources[layer][-size:], size))
             continue
-        pools.append(_tile(torch.cat(parts[::-1]), state.num_slots))
-        sources.append(_tile(torch.cat(owners[::-1]), state.num_slots))
+        pools.append(_tile(torch.cat(parts[::-1]), size))
+        sources.append(_tile(torch.cat(owners[::-1]), size))
     return torch.stack(pools), torch.stack(sources)
+
+
+def _fit(slots: torch.Tensor, count: int) -> torch.Tensor:
+    """A write's slots as exactly `count` rows: its first whole copy when it has more (a first
+    write tiled over the pool), its slots repeated when it has fewer (some were dropped)."""
+    return slots[:count] if len(slots) >= count else _tile(slots, count)
 
 
 def _tile(rows: torch.Tensor, count: int) -> torch.Tensor:

@@ -239,13 +239,25 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         """Writes best first for a focused read of `prompt_ids`: those in the pool, by shared rare tokens."""
         return rank_pool_writes(memory, prompt_ids)
 
+    def reads_without_memory(self, memory) -> bool:
+        """Whether a read of `memory` runs as the plain base model (no memory, no read adapter).
+
+        A focused model reads an empty memory so: its read adapter learned to answer from memory,
+        bare answers only, and with nothing written it answered a greeting with one word of it
+        ("Biscuit"), where the base model replies. The release (focused_writes=0) reads an empty
+        memory through its read adapter, as the official code does.
+        """
+        return bool(self.config.focused_writes) and isinstance(memory, MemoryState) and not memory.initialized
+
     def reads_depend_on_prompt(self, memory: MemoryState) -> bool:
         """Whether what a read of `memory` attends to depends on the prompt (focused reads)."""
         return self.focuses(memory)
 
     def read_prefix_length(self, memory: MemoryState) -> int:
-        """Entries a read of a written `memory` puts before the prompt: [bos ; pool]."""
-        return (1 if self.bos_embedding is not None else 0) + memory.num_slots
+        """Entries a read of a written `memory` puts before the prompt: [bos ; pool], or [bos ; the
+        focused writes' slots] (`focus.py`)."""
+        slots = self.config.focused_writes * self.config.num_tokens if self.focuses(memory) else memory.num_slots
+        return (1 if self.bos_embedding is not None else 0) + slots
 
     def memory_prefix(self, memory: MemoryState | torch.Tensor):
         """Memory keys/values for reading.
@@ -299,6 +311,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
                 memory, cache, input_ids, attention_mask, position_ids, labels, use_cache, logits_to_keep,
                 previous_token_ids, **kwargs,
             )  # fmt: skip
+        if self.reads_without_memory(memory):
+            memory = None
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, inputs_embeds, previous_token_ids, attention_mask)
         common = dict(labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs)
         if memory is None:

@@ -43,6 +43,19 @@ MATCH_SEED = 2_402_046  # never change: stored keys of saved memories were made 
 # Same token: distinct tokens' projected embeddings stay well below this cosine (measured: 0.85
 # already let near tokens in, ranking the answering write first for 0.45 instead of 0.84).
 TOKEN_MATCH = 0.95
+# Token weights count this many empty writes besides the real ones. BM25's IDF, log((n - df + 0.5) /
+# (df + 0.5)), is zero or less for a token in half the writes or more: in a memory of one or two
+# writes every shared token would weigh nothing and nothing would be ranked. In a memory of
+# hundreds the prior changes no weight that matters.
+PRIOR_WRITES = 4
+
+
+def token_weight(df, writes: int):
+    """Inverse document frequency of a token found in `df` of `writes` writes (clamped at 0)."""
+    n = writes + PRIOR_WRITES
+    if isinstance(df, torch.Tensor):
+        return torch.log((n - df + 0.5) / (df + 0.5)).clamp(min=0)
+    return max(0.0, math.log((n - df + 0.5) / (df + 0.5)))
 
 
 def match_projection(hidden_size: int, key_dim: int) -> torch.Tensor:
@@ -144,7 +157,7 @@ def rank_writes_by_tokens(store, queries: torch.Tensor, per_token: int) -> torch
     pairs = torch.unique(rows * span + sources[hits][matched])
     row, write = pairs // span, pairs % span
     df = torch.bincount(row, minlength=len(hits)).double()
-    idf = torch.log((writes_total - df + 0.5) / (df + 0.5)).clamp(min=0)
+    idf = token_weight(df, writes_total)
     idf[matched.all(dim=1) & (hits.shape[1] >= per_token)] = 0  # in per_token writes or more: common
     writes, owner = torch.unique(write, return_inverse=True)
     scores = torch.zeros(len(writes), dtype=torch.float64).index_add_(0, owner, idf[row])

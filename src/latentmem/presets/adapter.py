@@ -37,7 +37,7 @@ def adapter_shape(adapter_folder: str | Path) -> tuple[int, int]:
 
 def adapter_layout(adapter_folder: str | Path) -> dict:
     """The memory fields a memory adapter was trained with (K, blocks, memory positions) and how it
-    writes and reads best (isolated writes, focused reads), from its header."""
+    writes and reads best (isolated writes, focused reads, the longest text per write), from its header."""
     from safetensors import safe_open
 
     with safe_open(_adapter_file(adapter_folder), "pt") as f:
@@ -45,7 +45,10 @@ def adapter_layout(adapter_folder: str | Path) -> dict:
     return {"num_tokens": int(meta["num_tokens"]), "num_blocks": int(meta["num_blocks"]),
             "memory_positions": meta.get("memory_positions", "pool"),  # older files: the release's
             "focused_writes": int(meta.get("focused_writes", 0)),
-            "isolated_writes": meta.get("isolated_writes", "False") == "True"}  # fmt: skip
+            "isolated_writes": meta.get("isolated_writes", "False") == "True",
+            # the longest text one write takes (longer ones are split): near K for an adapter
+            # trained on short documents, whose K slots keep only a write's last K tokens
+            "chunk_size": int(meta.get("chunk_size", 512))}  # fmt: skip
 
 
 def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:

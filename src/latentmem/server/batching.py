@@ -118,6 +118,7 @@ class ChatRow:
     reply: Reply | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    role: str = "read"  # the adapter its forwards run with ("base": a focused model's empty memory)
 
 
 class _Scheduler:
@@ -244,9 +245,13 @@ class ChatBatcher(_Scheduler):
                 except Exception as err:  # noqa: BLE001
                     self._finish(row, error=err)
             rows = packed + active
-            if rows:
-                logits = self._forward(rows, [row.prompt for row in packed] + [[row.tokens[-1]] for row in active])
-                for row, row_logits in zip(rows, logits):
+            for role in ("read", "base"):  # one packed forward per adapter in use
+                group = [row for row in rows if row.role == role]
+                if not group:
+                    continue
+                with model.adapters.use(role):
+                    logits = self._forward(group, [row.prompt if not row.tokens else [row.tokens[-1]] for row in group])
+                for row, row_logits in zip(group, logits):
                     self._advance(row, row_logits)
         self.steps += 1
         self.max_batch = max(self.max_batch, len(rows) + len(alone))
@@ -260,8 +265,11 @@ class ChatBatcher(_Scheduler):
 
     def _seed(self, row: ChatRow) -> None:
         """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt position."""
-        prefix = self.model.memory_prefix(row.state)
         row.cache = DynamicCache(config=self.model.backbone.config)
+        if self.model.reads_without_memory(row.state):
+            row.role, row.position = "base", 0
+            return
+        prefix = self.model.memory_prefix(row.state)
         prefix.seed(row.cache, 1)
         row.position = prefix.prompt_start
 

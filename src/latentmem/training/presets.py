@@ -235,7 +235,8 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
                                                         "num_blocks": str(model.config.num_blocks),
                                                         "memory_positions": model.config.memory_positions,
                                                         "focused_writes": str(model.config.focused_writes),
-                                                        "isolated_writes": str(model.config.isolated_writes)})  # fmt: skip
+                                                        "isolated_writes": str(model.config.isolated_writes),
+                                                        "chunk_size": str(model.config.chunk_size)})  # fmt: skip
     return folder / ADAPTER_FILE
 
 
