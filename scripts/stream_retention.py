@@ -8,7 +8,9 @@ question on the same memory at the same moment:
 
 - `memoryllm`: the short-term pool alone;
 - `mplus`: M+'s unfocused read (short-term pool plus what it retrieves from long-term memory);
-- `focused1`, `focused2`, ...: the focused read of that many writes (`MPlusConfig.focused_writes`).
+- `focused1`, `focused2`, ...: the focused read of that many writes (`MPlusConfig.focused_writes`);
+- `alone`: the fact document written alone into an empty memory, its question read focused: what a
+  focused read of an isolated write sees when the ranking finds it and it is whole (the ceiling).
 
 Scoring is teacher-forced exact hit: every answer token is the model's argmax given the question
 and the answer so far (what greedy decoding of the answer checks).
@@ -62,7 +64,9 @@ def main() -> None:
     parser.add_argument("--ways", default="memoryllm,mplus,focused1")
     parser.add_argument("--kinds", default="facts,notes", help="fact generators to alternate: facts (biographies), notes")
     parser.add_argument("--isolated-writes", action="store_true", help="write every text alone (isolated_writes)")
+    parser.add_argument("--forgetting", choices=["random", "oldest"], help="which slots a write drops (default: the model's)")
     parser.add_argument("--num-blocks", type=int, help="short-term pool of this many blocks of K slots (no weight depends on it)")
+    parser.add_argument("--adapter", type=Path, help="read with this memory adapter's weights (a folder, as saved by training)")
     parser.add_argument("--seed", type=int, default=90000)
     parser.add_argument("--out", type=Path, help="write the records and the table here (json)")
     parser.add_argument("--threads", type=int, default=2)
@@ -71,10 +75,15 @@ def main() -> None:
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
     ways = args.ways.split(",")
     model, tokenizer = load_model(args.model)
+    if args.adapter:
+        from latentmem.presets.adapter import load_memory_adapter
+
+        load_memory_adapter(model, args.adapter)
     model.config.isolated_writes = args.isolated_writes or model.config.isolated_writes
     if args.num_blocks:
         model.config.num_blocks = args.num_blocks
-    if any(way.startswith("focused") for way in ways):
+    model.config.forgetting = args.forgetting or model.config.forgetting
+    if any(way.startswith("focused") or way == "alone" for way in ways):
         model.config.focused_writes = model.config.focused_writes or 1  # writes record what focused reads rank by
     generators = {"facts": FactGenerator(args.seed, "heldout", (1, 2)), "notes": NoteGenerator(args.seed + 1, "heldout")}
     kinds = [generators[k] for k in args.kinds.split(",")]
@@ -111,7 +120,12 @@ def main() -> None:
                 row["ranked_first"] = len(ranked) > 0 and int(ranked[0]) == injection_of[i]
                 ranked_first[n] += row["ranked_first"]
             for way in ways:
-                row[way] = answers_exactly(model, memory, prompt, answer, way)
+                if way == "alone":
+                    alone = model.new_memory(args.seed)
+                    model.inject(alone, text=facts[i][0].text, tokenizer=tokenizer, allow_short=True)
+                    row[way] = answers_exactly(model, alone, prompt, answer, "focused1")
+                else:
+                    row[way] = answers_exactly(model, memory, prompt, answer, way)
                 hits[n][way] += row[way]
             asked[n] += 1
             records.append(row)

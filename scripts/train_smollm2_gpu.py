@@ -55,7 +55,11 @@ def recipe(name: str, steps: int) -> list[Stage]:
     """`fresh`: the first recipe's shape, longer; `continue`: more full-pool training of an adapter;
     `copy`: one-document episodes of which 30% ask for the document itself back from memory (every
     token scored: practice in copying faithfully; README: better in empty memories, worse in used ones);
-    `lasting`: warm pools and reads of targets written up to 30 writes back (`presets.SMOLLM2_LASTING`)."""
+    `lasting`: warm pools and reads of targets written up to 30 writes back (`presets.SMOLLM2_LASTING`);
+    `single`: one-document episodes only, each written into an empty memory and read from its K slots
+    alone: exactly what a focused read of an isolated write sees (the shipped presets' way)."""
+    if name == "single":
+        return [Stage(steps, num_blocks=1, reset_memory=1.0)]
     if name == "copy":
         return [Stage(steps, num_blocks=1, reset_memory=1.0, copy_fraction=0.3)]
     if name == "lasting":  # the preset's reads of older memory, stretched to the budget (32-block pools)
@@ -141,7 +145,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="training budget")
     parser.add_argument("--steps", type=int, default=None, help="memoryllm: this many steps instead of timing a few")
-    parser.add_argument("--recipe", choices=["fresh", "continue", "copy", "lasting"], default="fresh")
+    parser.add_argument("--recipe", choices=["fresh", "continue", "copy", "lasting", "single"], default="fresh")
     parser.add_argument("--init", type=Path, default=None, help="memory adapter to start from (memoryllm)")
     parser.add_argument("--adapter", type=Path, default=SHIPPED, help="memory adapter M+ builds on (mplus)")
     parser.add_argument("--lr", type=float, default=2e-3)

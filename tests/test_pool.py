@@ -208,3 +208,35 @@ def test_batched_writes_label_recomputed_slots_as_inject_does():
     inject_batch(model, [batched], [random_ids(5, seed=2)[0]])
     assert (batched.sources[:, -K:][:, : K - 5] == first).all()
     assert torch.equal(one.sources, batched.sources)
+
+
+def test_oldest_forgetting_drops_the_front_of_the_pool_and_spares_pinned_slots():
+    s = state(L=2, N=32)
+    s.stm = torch.arange(32, dtype=torch.float).view(1, 32, 1).expand(2, 32, 4).clone()
+    write_slots(s, slots(2, 8, 4, -1), injection_id=7, per_layer=True, oldest=True)
+    assert s.stm[0, :24, 0].tolist() == list(range(8, 32)) and (s.stm[:, -8:] == -1).all()
+    pinned = torch.zeros(2, 32, dtype=torch.bool)
+    pinned[:, :4] = True  # the oldest 4 are pinned: the next 8 go instead
+    write_slots(s, slots(2, 8, 4, -2), injection_id=8, per_layer=False, protected=pinned, oldest=True)
+    assert s.stm[0, :24, 0].tolist() == [8, 9, 10, 11, *range(20, 32), *[-1] * 8]
+
+
+def test_with_oldest_forgetting_a_write_stays_whole_for_n_over_k_minus_1_writes():
+    model = make_model(forgetting="oldest")  # K = 8, N = 32: 4 writes fit
+    s = model.new_memory(seed=0)
+    for i in range(8):
+        model.inject(s, input_ids=random_ids(20, seed=i))
+    counts = {w: int((s.sources[0] == w).sum()) for w in range(8)}
+    assert counts == {0: 0, 1: 0, 2: 0, 3: 0, 4: 8, 5: 8, 6: 8, 7: 8}
+    random = make_model()
+    r = random.new_memory(seed=0)
+    for i in range(8):
+        random.inject(r, input_ids=random_ids(20, seed=i))
+    assert any(0 < int((r.sources[0] == w).sum()) < 8 for w in range(7))  # the release's draws split writes
+
+
+def test_forgetting_is_validated():
+    import pytest
+
+    with pytest.raises(ValueError, match="forgetting"):
+        make_model(forgetting="lru")

@@ -371,8 +371,8 @@ def test_smollm2_preset_ships_only_its_memory_adapter():
     with safe_open(path, "pt") as f:
         names, metadata = list(f.keys()), f.metadata()
         dtypes = {f.get_tensor(name).dtype for name in names}
-    assert metadata == {"num_tokens": "32", "num_blocks": "16", "focused_writes": "1", "isolated_writes": "True",
-                        "chunk_size": "64"}  # fmt: skip
+    assert metadata == {"num_tokens": "32", "num_blocks": "64", "focused_writes": "1", "isolated_writes": "True",
+                        "chunk_size": "64", "forgetting": "oldest", "memory_positions": "pool"}  # fmt: skip
     assert dtypes == {torch.bfloat16}
     assert {"bos_embedding", "new_memory_positional_emb"} <= set(names)
     lora = [name for name in names if "lora_" in name]
@@ -546,11 +546,12 @@ def test_a_saved_memory_adapter_loads_into_a_fresh_model_and_checks_its_shape(tm
             if "lora_" in name or name in ("bos_embedding", "new_memory_positional_emb"):
                 p.normal_()
     trained.config.focused_writes, trained.config.isolated_writes, trained.config.chunk_size = 1, True, 24
+    trained.config.forgetting = "oldest"
     save_memory_adapter(trained, tmp_path, dtype=torch.float32)
     from latentmem.presets.adapter import adapter_layout
 
     assert adapter_layout(tmp_path) == {"num_tokens": 8, "num_blocks": 4, "memory_positions": "pool", "focused_writes": 1,
-                                        "isolated_writes": True, "chunk_size": 24}  # fmt: skip
+                                        "isolated_writes": True, "chunk_size": 24, "forgetting": "oldest"}  # fmt: skip
     fresh, _ = untrained_model(num_tokens=8, num_blocks=4)
     load_memory_adapter(fresh, tmp_path)
     assert all(torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in trained.named_parameters())
@@ -583,7 +584,22 @@ def test_train_preset_starts_from_a_given_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(
         presets.Trainer, "train", lambda self, resume=False: seen.append(self.model.bos_embedding.clone()) or tmp_path
     )
-    presets.train_preset("smollm2-135m", tmp_path / "run", init=tmp_path / "start", progress=False)
+    stages = []
+    monkeypatch.setattr(presets, "Trainer", _recording_trainer(presets.Trainer, stages))
+    presets.train_preset("smollm2-135m", tmp_path / "run", init=tmp_path / "start", progress=False,
+                         stages=[{"steps": 7, "num_blocks": 1, "reset_memory": 1.0}])  # as `--set stages=[...]` gives
     assert torch.equal(seen[0], torch.full_like(seen[0], 0.5))  # training began from the adapter's weights
+    assert stages == [[presets.Stage(7, num_blocks=1, reset_memory=1.0)]]
     with pytest.raises(TypeError, match="trains every weight"):
         presets.train_preset("tiny", tmp_path / "tiny", init=tmp_path / "start", progress=False)
+
+
+def _recording_trainer(trainer_class, stages: list):
+    """`trainer_class`, recording the stages of each config it is built with."""
+
+    class Recording(trainer_class):
+        def __init__(self, model, make_task, config, *args, **kwargs):
+            stages.append(config.stages)
+            super().__init__(model, make_task, config, *args, **kwargs)
+
+    return Recording

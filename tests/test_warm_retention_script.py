@@ -92,10 +92,18 @@ def test_stream_retention_scores_focused_reads_as_greedy_decoding_answers(tmp_pa
             verdicts.append(forced)
     assert any(verdicts) and not all(verdicts)  # both verdicts were checked
     out = tmp_path / "stream.json"
+    from latentmem.training.presets import save_memory_adapter
+
+    save_memory_adapter(model, tmp_path / "adapter")  # read with an adapter's weights: here tiny's own
     argv = ["stream_retention.py", "--model", "tiny", "--facts", "4", "--warmup", "2", "--checkpoints", "0,3",
-            "--ways", "memoryllm,focused1", "--out", str(out)]  # fmt: skip
+            "--ways", "memoryllm,focused1,alone", "--num-blocks", "6", "--forgetting", "oldest", "--isolated-writes",
+            "--adapter", str(tmp_path / "adapter"), "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     stream.main()
     saved = json.loads(out.read_text())
-    assert len(saved["records"]) == 8 and {"memoryllm", "focused1", "ranked_first"} <= set(saved["records"][0])
-    assert saved["table"][0].startswith("| writes after | questions | memoryllm | focused1")
+    assert len(saved["records"]) == 8 and {"memoryllm", "focused1", "alone", "ranked_first"} <= set(saved["records"][0])
+    assert saved["table"][0].startswith("| writes after | questions | memoryllm | focused1 | alone")
+    # right after the write, with the fact whole and ranked first, the stream's read is the lone write's
+    for row in saved["records"]:
+        if row["after"] == 0 and row["ranked_first"]:
+            assert row["focused1"] == row["alone"], row

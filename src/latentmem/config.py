@@ -27,6 +27,11 @@ class MemoryLLMConfig(PretrainedConfig):
         num_blocks: the pool holds `num_blocks * num_tokens` slots per layer (N).
         add_bos_embedding: a learned per-layer vector is placed at position 0, before memory.
         drop_memory_per_layer: draw the slots to forget independently in every layer.
+        forgetting: which K slots a write drops. "random" (the release): drawn uniformly, so a
+            write keeps a fraction (1 - K/N)^t of its slots t writes later, and a focused read of
+            an old write reads a few of them. "oldest": the pool's oldest K (it is kept in write
+            order), so a write stays whole for N/K - 1 later writes, then leaves at once (M+: into
+            long-term memory). Pinned (protected) slots go last under either.
         lora: LoRA settings (`r`, `lora_alpha`, `lora_dropout`, `target_modules`), or None for none.
         add_decoder_lora: a second adapter, `decoder_adapter`, is active while reading; the
             `default` adapter is active while writing. Without it `default` serves both.
@@ -75,8 +80,12 @@ class MemoryLLMConfig(PretrainedConfig):
         memory_positions: str = "pool",
         focused_writes: int = 0,
         isolated_writes: bool = False,
+        forgetting: str = "random",
         **kwargs: Any,
     ):
+        if forgetting not in ("random", "oldest"):
+            raise ValueError(f"forgetting must be 'random' or 'oldest', got {forgetting!r}")
+        self.forgetting = forgetting
         if focused_writes < 0:
             raise ValueError(f"focused_writes must be >= 0, got {focused_writes}")
         self.focused_writes = focused_writes

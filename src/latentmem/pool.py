@@ -25,21 +25,25 @@ def tile_to_fill(new: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def draw_survivors(
-    num_slots: int, num_dropped: int, generator: torch.Generator, protected: torch.Tensor | None = None
+    num_slots: int, num_dropped: int, generator: torch.Generator, protected: torch.Tensor | None = None,
+    oldest: bool = False,
 ) -> torch.Tensor:
     """Indices of the slots that survive a write, ascending (so survivors keep their order).
 
-    Victims are drawn uniformly; slots marked `protected [N]` are drawn only once no unprotected
-    slot is left to drop (pinned memories, opt-in).
+    Victims are drawn uniformly, or with `oldest` taken from the front of the pool (which is in
+    write order: the oldest slots first); slots marked `protected [N]` are dropped only once no
+    unprotected slot is left to drop (pinned memories, opt-in).
     """
+    def shuffled(index: torch.Tensor) -> torch.Tensor:
+        return index if oldest else index[torch.randperm(len(index), generator=generator)]
+
     if protected is None or not protected.any():
+        if oldest:
+            return torch.arange(num_dropped, num_slots)
         kept = torch.randperm(num_slots, generator=generator)[: num_slots - num_dropped]
         return kept.sort().values
     open_slots, guarded = (~protected).nonzero().view(-1), protected.nonzero().view(-1)
-    order = torch.cat(
-        [open_slots[torch.randperm(len(open_slots), generator=generator)],
-         guarded[torch.randperm(len(guarded), generator=generator)]]
-    )  # fmt: skip
+    order = torch.cat([shuffled(open_slots), shuffled(guarded)])
     return order[num_dropped:].sort().values
 
 
@@ -60,11 +64,12 @@ def write_slots(
     per_layer: bool,
     protected: torch.Tensor | None = None,
     recomputed: int = 0,
+    oldest: bool = False,
 ) -> Evicted | None:
     """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or random forgetting.
 
     Returns the evicted slots (None for the first write, which evicts nothing). `protected [L, N]`
-    marks slots to drop last. `recomputed`: how many of the new slots (the first ones) re-ran the
+    marks slots to drop last; `oldest`: drop the pool's oldest slots instead of random ones. `recomputed`: how many of the new slots (the first ones) re-ran the
     pool's newest slots instead of the context (a context shorter than K; see writing.py). Under the causal
     mask they never saw the context, so they keep the provenance of the slots they re-ran: forgetting
     an injection removes its re-run copies, and M+ learns to retrieve them for its questions.
@@ -86,10 +91,12 @@ def write_slots(
         if k > N:
             raise ValueError(f"a write of {k} slots does not fit a pool of {N}")
         if per_layer:
-            draws = [draw_survivors(N, k, state.generator, None if protected is None else protected[i]) for i in range(L)]
+            draws = [draw_survivors(N, k, state.generator, None if protected is None else protected[i], oldest)
+                     for i in range(L)]  # fmt: skip
             survivors = torch.stack(draws)  # [L, N-k]
         else:
-            survivors = draw_survivors(N, k, state.generator, None if protected is None else protected[0]).expand(L, -1)
+            guard = None if protected is None else protected[0]
+            survivors = draw_survivors(N, k, state.generator, guard, oldest).expand(L, -1)
         dropped = torch.ones(L, N, dtype=torch.bool)
         dropped[torch.arange(L)[:, None], survivors] = False
         victims = dropped.nonzero()[:, 1].view(L, k)  # ascending per layer

@@ -175,7 +175,7 @@ def compute_slots_batch(model: MemoryLLM, states: list[MemoryState], contexts: l
 def store_slots(
     model: MemoryLLM, state: MemoryState, new: torch.Tensor, injection_id: int, context: torch.Tensor | int
 ) -> None:
-    """Put one write's new slots into `state`'s pool, as every write does: random drops sparing the
+    """Put one write's new slots into `state`'s pool, as every write does: drops (`forgetting`) sparing the
     model's protected slots, then the model's `after_write` (M+: evicted slots into long-term memory).
 
     `context`: the written token ids `[n]` (or only their count n, for a model that does not index
@@ -188,7 +188,8 @@ def store_slots(
     protected = model.protected_slots(state)
     recomputed = 0 if model.config.isolated_writes else max(0, new.shape[1] - context)  # isolated: all its own
     per_layer = model.config.drop_memory_per_layer
-    evicted = write_slots(state, new, injection_id, per_layer, protected=protected, recomputed=recomputed)
+    oldest = model.config.forgetting == "oldest"
+    evicted = write_slots(state, new, injection_id, per_layer, protected=protected, recomputed=recomputed, oldest=oldest)
     model.after_write(state, evicted)
 
 

@@ -48,7 +48,8 @@ def adapter_layout(adapter_folder: str | Path) -> dict:
             "isolated_writes": meta.get("isolated_writes", "False") == "True",
             # the longest text one write takes (longer ones are split): near K for an adapter
             # trained on short documents, whose K slots keep only a write's last K tokens
-            "chunk_size": int(meta.get("chunk_size", 512))}  # fmt: skip
+            "chunk_size": int(meta.get("chunk_size", 512)),
+            "forgetting": meta.get("forgetting", "random")}  # fmt: skip
 
 
 def load_memory_adapter(model: MemoryLLM, adapter_folder: str | Path) -> None:

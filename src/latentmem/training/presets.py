@@ -122,22 +122,24 @@ TINY = Preset(
 def build_smollm2(preset: Preset, out_dir: Path, seed: int) -> tuple[MemoryLLM, object]:
     backbone, tokenizer = load_smollm2_backbone()
     torch.manual_seed(seed)
-    # K = 32: a one- or two-fact document (15-35 tokens) fits in one write; 32 blocks keep a slot
-    # through 10 / 30 later writes with probability (1 - 1/32)^t = 0.73 / 0.39. Every write sits where
-    # the newest one does (per-write positions), so a bigger pool does not push old writes away.
+    # K = 32: a one- to three-fact document (15-60 tokens) fits in one write (chunk_size 64).
     model = MemoryLLM.from_backbone(backbone, lora=DEFAULT_LORA, **SMOLLM2_MEMORY)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-SMOLLM2_MEMORY = {"num_tokens": 32, "num_blocks": 32, "memory_positions": "per_write"}
-# Reads of older memory (docs/experiments.md): full, warm pools that are never reset; half the
-# episodes re-ask a target written j writes back, j growing over the stages; half the documents are
-# everyday notes. `SMOLLM2_LASTING` alone continues an adapter trained with the first stage
-# (`latentmem train --preset smollm2-135m --init ADAPTER --stages lasting`).
-# Training pools hold 16 blocks (reads of 512 slots cost half those of 1,024 on a CPU); the shipped
-# model reads 32: every write sits at the same positions whatever the pool's size.
+# How the shipped adapter writes and reads (saved in its header): every text written alone, every
+# read focused on the one write sharing the prompt's rarest tokens, read from its K slots alone; 64
+# blocks dropped oldest first keep a write whole for 63 later writes. Training episodes (one document
+# in an empty memory) are that read exactly, whatever the pool's size.
+SMOLLM2_MEMORY = {"num_tokens": 32, "num_blocks": 64, "memory_positions": "pool", "isolated_writes": True,
+                  "focused_writes": 1, "chunk_size": 64, "forgetting": "oldest"}  # fmt: skip
+# Reads of older memory in warm pools, an experiment that did not ship (docs/experiments.md): full,
+# warm pools that are never reset; half the episodes re-ask a target written j writes back, j
+# growing over the stages; half the documents are everyday notes (`scripts/train_smollm2_gpu.py
+# --recipe lasting`, best in the per-write layout). Focused reads of isolated writes never read a
+# warm pool, so the shipped recipe is one-document episodes only.
 SMOLLM2_LASTING = [
     Stage(100, num_blocks=16, max_contexts=4, retention=0.5, retention_depth=(1, 10), reset_memory=0.0),
     Stage(150, num_blocks=16, max_contexts=4, retention=0.5, retention_depth=(3, 20), reset_memory=0.0),
@@ -147,10 +149,10 @@ SMOLLM2_LASTING = [
 SMOLLM2 = Preset(
     name="smollm2-135m",
     config=TrainingConfig(
-        # First each episode's document alone in an empty memory (the first shipped adapter: 240
-        # steps, ~40 minutes on 2 CPU cores, 0.72 held-out right after the write), then reads of
-        # older memory in warm pools (SMOLLM2_LASTING).
-        stages=[Stage(240, num_blocks=1, reset_memory=1.0), *SMOLLM2_LASTING],
+        # Each episode's document alone in an empty memory, read from its own K slots: what every
+        # focused read of an isolated write sees. The shipped adapter is this stage (240 steps,
+        # ~40 minutes on 2 CPU cores) continued twice with --init (docs/models.md has the commands).
+        stages=[Stage(240, num_blocks=1, reset_memory=1.0)],
         batch_size=4,
         lr=2e-3,
         warmup_steps=10,
@@ -236,7 +238,8 @@ def save_memory_adapter(model: MemoryLLM, folder: str | Path, dtype: torch.dtype
                                                         "memory_positions": model.config.memory_positions,
                                                         "focused_writes": str(model.config.focused_writes),
                                                         "isolated_writes": str(model.config.isolated_writes),
-                                                        "chunk_size": str(model.config.chunk_size)})  # fmt: skip
+                                                        "chunk_size": str(model.config.chunk_size),
+                                                        "forgetting": model.config.forgetting})  # fmt: skip
     return folder / ADAPTER_FILE
 
 
@@ -282,6 +285,8 @@ def train_preset(
     preset = PRESETS[name]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "stages" in overrides:  # from the command line (--set stages=[{...}]): dicts of Stage fields
+        overrides["stages"] = [stage if isinstance(stage, Stage) else Stage(**stage) for stage in overrides["stages"]]
     config = replace(preset.config, seed=seed, max_minutes=max_minutes, progress=progress, **overrides)
     if init is not None and config.train_all:
         raise TypeError(f"init= takes a memory adapter; preset {name!r} trains every weight")
