@@ -107,3 +107,24 @@ def test_stream_retention_scores_focused_reads_as_greedy_decoding_answers(tmp_pa
     for row in saved["records"]:
         if row["after"] == 0 and row["ranked_first"]:
             assert row["focused1"] == row["alone"], row
+
+
+def test_plot_curves_draws_training_legs_and_stream_retention(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("plot_curves", SCRIPT.parent / "plot_curves.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (5, 10)] + [{"step": s, "loss": 0.5 / s, "leg": 1} for s in (5, 10)]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 10, "exact@0": 0.9}\n')
+    stream = tmp_path / "stream.json"
+    records = [{"fact": i, "after": n, "question": "q", "answer": "a", "focused1": bool(i % 2), "ranked_first": True}
+               for i in range(4) for n in (0, 10)]  # fmt: skip
+    stream.write_text(json.dumps({"records": records, "table": []}))
+    for argv in (["training", str(metrics), "--out", str(tmp_path / "loss.png")],
+                 ["stream", f"{stream}:after", "--out", str(tmp_path / "retention.png")]):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["plot_curves.py", *argv])
+        plot.main()
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "retention.png").stat().st_size > 1000
