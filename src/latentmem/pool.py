@@ -66,11 +66,12 @@ def write_slots(
     recomputed: int = 0,
     oldest: bool = False,
 ) -> Evicted | None:
-    """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or random forgetting.
+    """Apply one write of `new_slots [L, k, d]` to `state` (in place), with tiling or forgetting.
 
     Returns the evicted slots (None for the first write, which evicts nothing). `protected [L, N]`
-    marks slots to drop last; `oldest`: drop the pool's oldest slots instead of random ones. `recomputed`: how many of the new slots (the first ones) re-ran the
-    pool's newest slots instead of the context (a context shorter than K; see writing.py). Under the causal
+    marks slots to drop last; `oldest`: drop the pool's oldest slots instead of random ones.
+    `recomputed`: how many of the new slots (the first ones) re-ran the pool's newest slots instead
+    of the context (a context shorter than K; see writing.py). Under the causal
     mask they never saw the context, so they keep the provenance of the slots they re-ran: forgetting
     an injection removes its re-run copies, and M+ learns to retrieve them for its questions.
     """

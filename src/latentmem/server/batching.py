@@ -264,7 +264,8 @@ class ChatBatcher(_Scheduler):
         return going_on
 
     def _seed(self, row: ChatRow) -> None:
-        """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt position."""
+        """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt
+        position. A focused model's empty memory has no prefix: the row decodes as the base model."""
         row.cache = DynamicCache(config=self.model.backbone.config)
         if self.model.reads_without_memory(row.state):
             row.role, row.position = "base", 0
