@@ -289,11 +289,19 @@ def ray_serve(s3_server):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     url, options = f"s3://{BUCKET}/ray", {"endpoint_url": s3_server}
-    _deploy(url, options)
+    for attempt in range(3):  # on a loaded machine Serve kills a proxy that starts too slowly: start again
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})  # fmt: skip
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            _deploy(url, options)
+            break
+        except ray.exceptions.RayError:
+            serve.shutdown()
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield f"http://127.0.0.1:{port}", functools.partial(_deploy, url, options)
     finally:
