@@ -337,8 +337,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self, memory: MemoryState, cache, input_ids, attention_mask, position_ids, labels, use_cache,
         logits_to_keep, previous_token_ids, **kwargs,
     ) -> CausalLMOutputWithPast:
-        """A read with `focused_writes`: each prompt attends to its best-ranked writes tiled over the
-        pool (`focus.py`); later generation steps continue the cache that first pass filled."""
+        """A read with `focused_writes`: each prompt attends to its best-ranked writes' K slots, once
+        each (`focus.py`); later generation steps continue the cache that first pass filled."""
         self.check_state(memory)
         if input_ids is None:
             raise ValueError("focused reads rank writes by the prompt's tokens: pass input_ids (not inputs_embeds)")
