@@ -47,7 +47,8 @@ def answers_exactly(model, memory, prompt: torch.Tensor, answer: torch.Tensor, w
         focused = int(way.removeprefix("focused")) if way.startswith("focused") else 0
         saved, model.config.focused_writes = model.config.focused_writes, focused
         try:
-            logits = model(ids, memory=memory, use_cache=False).logits
+            # focused reads rank writes by the question alone, as in generation (not by the answer's tokens)
+            logits = model(ids, memory=memory, use_cache=False, ranking_ids=prompt[None]).logits
         finally:
             model.config.focused_writes = saved
     start = prompt.numel() - 1
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--isolated-writes", action="store_true", help="write every text alone (isolated_writes)")
     parser.add_argument("--forgetting", choices=["random", "oldest"], help="which slots a write drops (default: the model's)")
     parser.add_argument("--num-blocks", type=int, help="short-term pool of this many blocks of K slots (no weight depends on it)")
+    parser.add_argument("--chunk-size", type=int, help="write texts in chunks of at most this many tokens")
     parser.add_argument("--adapter", type=Path, help="read with this memory adapter's weights (a folder, as saved by training)")
     parser.add_argument("--seed", type=int, default=90000)
     parser.add_argument("--out", type=Path, help="write the records and the table here (json)")
@@ -82,6 +84,8 @@ def main() -> None:
     model.config.isolated_writes = args.isolated_writes or model.config.isolated_writes
     if args.num_blocks:
         model.config.num_blocks = args.num_blocks
+    if args.chunk_size:
+        model.config.chunk_size = args.chunk_size
     model.config.forgetting = args.forgetting or model.config.forgetting
     if any(way.startswith("focused") or way == "alone" for way in ways):
         model.config.focused_writes = model.config.focused_writes or 1  # writes record what focused reads rank by

@@ -57,9 +57,10 @@ def recipe(name: str, steps: int) -> list[Stage]:
     token scored: practice in copying faithfully; README: better in empty memories, worse in used ones);
     `lasting`: warm pools and reads of targets written up to 30 writes back (`presets.SMOLLM2_LASTING`);
     `single`: one-document episodes only, each written into an empty memory and read from its K slots
-    alone: exactly what a focused read of an isolated write sees (the shipped presets' way)."""
+    alone: exactly what a focused read of an isolated write sees (the shipped presets' way), a quarter
+    of them reading a write that does not answer them (general prompts, English text)."""
     if name == "single":
-        return [Stage(steps, num_blocks=1, reset_memory=1.0)]
+        return [Stage(steps, num_blocks=1, reset_memory=1.0, unrelated=0.25)]
     if name == "copy":
         return [Stage(steps, num_blocks=1, reset_memory=1.0, copy_fraction=0.3)]
     if name == "lasting":  # the preset's reads of older memory, stretched to the budget (32-block pools)

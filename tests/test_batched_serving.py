@@ -180,9 +180,12 @@ def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch(focused)
     model.generation_config.eos_token_id = None
     g = torch.Generator().manual_seed(1)
     states = [model.new_memory(seed=s) for s in range(3)]
-    for state, writes in zip(states, (0, 1, 8)):  # the third has long-term slots to retrieve
-        for _ in range(writes):
-            model.inject(state, input_ids=torch.randint(0, 256, (10,), generator=g), allow_short=True)
+    for state, writes, text in zip(states, (0, 1, 8), PROMPTS):  # the third has long-term slots to retrieve
+        for i in range(writes):
+            random = torch.randint(0, 256, (10,), generator=g)
+            # focused: the last write shares the prompt's tokens, so a focused read finds it
+            own = torch.tensor(ids(tokenizer, text))[:10] if focused and i == writes - 1 else random
+            model.inject(state, input_ids=own, allow_short=True)
     assert model.retrieval_count(states[2]) > 0 and model.retrieval_count(states[1]) == 0
     # focused: a read of any written memory attends to the writes its prompt ranks first
     assert model.reads_depend_on_prompt(states[1]) == focused and not model.reads_depend_on_prompt(states[0])

@@ -167,3 +167,20 @@ def test_the_trained_preset_recalls_facts_told_in_an_earlier_chat(tmp_path):
         later = ChatSession(model, tokenizer, open_memory(model, path), memory_path=path, max_new_tokens=12)
         recalled.append(qa.answer.strip() in later.send(qa.question).text)
     assert sum(recalled) >= 4, recalled  # a fresh memory without the fact gets ~0 of these
+
+
+def test_a_chat_ranks_memory_by_the_message_asked_not_the_window(monkeypatch):
+    from latentmem import chat
+
+    tokenizer = byte_tokenizer()
+    messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "Where is the key?"}]  # fmt: skip
+    assert chat.asked_ids(tokenizer, messages) == tokenizer("Where is the key?", add_special_tokens=False).input_ids
+    assert chat.asked_ids(tokenizer, [{"role": "system", "content": "Be brief."}]) is None
+    seen = {}
+    monkeypatch.setattr(chat, "generate_reply", lambda *a, **k: seen.update(k) or chat.Reply("ok", 1, 1, "stop"))
+    model, tokenizer = untrained_model(hidden_size=32, num_layers=1, num_tokens=8, num_blocks=2)
+    session = chat.ChatSession(model, tokenizer, model.new_memory(0), window_tokens=400)
+    session.send("Hello there")
+    session.send("Where is the key?")
+    assert seen["ranking_ids"] == tokenizer("Where is the key?", add_special_tokens=False).input_ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
@@ -223,6 +224,36 @@ def test_memory_at_model_runs_another_models_memory(tiny, tmp_path):
     method.observe(FACT)
     assert method.memory.ltm is not None and len(method.memory.injections) == 1
     assert method.answer(QUESTION).prompt_tokens > 0
+
+
+def test_prompts_sharing_a_long_history_reuse_its_keys_and_values_and_answer_the_same(tiny, monkeypatch):
+    from latentmem.evaluation import methods
+
+    model, tokenizer = tiny
+    history = " ".join(FILLER[:8])
+    prompts = [f"{history} Question {i}: what came first?" for i in range(3)] + ["A short one.", history[:300]]
+    fresh = []
+    for prompt in prompts:  # each prompt alone: a new LM every time, nothing to reuse
+        fresh.append(LM(model, tokenizer, max_new_tokens=6).generate(prompt))
+    lm = LM(model, tokenizer, max_new_tokens=6)
+    computed = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # generate checks its keyword arguments against forward's signature
+    def counting(self, *args, **kwargs):
+        computed.append((kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    reused = []
+    for prompt in prompts:
+        computed.clear()
+        reused.append(lm.generate(prompt))
+        reused_first = computed[0]
+        assert reused_first <= lm.count(prompt)
+        if prompt.startswith(history) and prompt != prompts[0] and "Question" in prompt:
+            assert reused_first < lm.count(prompt) - methods.MIN_SHARED_PREFIX  # the history was not run again
+    assert reused == fresh
 
 
 def test_lm_window_leaves_room_for_the_answer(tiny):

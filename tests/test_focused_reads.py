@@ -93,15 +93,31 @@ def test_each_prompt_of_a_batch_reads_its_own_writes():
     assert not torch.allclose(batch[0], batch[1])
 
 
-def test_a_prompt_sharing_no_token_with_any_write_reads_the_newest_write():
+def test_a_prompt_sharing_no_token_with_any_write_reads_as_the_base_model_and_generates_so():
     model, state, contexts = _written()
     k = model.config.num_tokens
     used = torch.unique(torch.cat(list(contexts.values())))
     unseen = torch.tensor([t for t in range(model.backbone.config.vocab_size) if t not in used.tolist()][:3])
+    assert model.reads_without_memory(state, unseen) and not model.reads_without_memory(state)
+    torch.testing.assert_close(model(unseen[None], memory=state).logits, model(unseen[None], memory=None).logits)
+    greedy = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(unseen[None], memory=state, **greedy), model.generate(unseen[None], **greedy))
+    # in a batch with a prompt that does share a rare token, it reads the newest write instead
     pool, sources = focused_pool(model, state, unseen)
     assert torch.equal(pool, state.stm[:, -k:]) and torch.equal(sources, state.sources[:, -k:])
-    torch.testing.assert_close(model(unseen[None], memory=state).logits,
-                               MemoryLLM.forward(model, unseen[None], memory=pool).logits)  # fmt: skip
+    shared = _rare_tokens(contexts, max(contexts))[:3]
+    assert len(shared) == 3, "pick another seed: the newest write needs 3 rare tokens"
+    batch = model(torch.stack([unseen, shared]), memory=state).logits
+    torch.testing.assert_close(batch[:1], MemoryLLM.forward(model, unseen[None], memory=pool).logits)
+
+
+def test_a_prompt_sharing_only_skipped_tokens_reads_as_the_base_model():
+    model, state, contexts = _written()
+    rare = _rare_tokens(contexts, max(contexts))
+    assert not model.reads_without_memory(state, rare)
+    model.skip_in_ranking(rare.tolist())
+    assert model.reads_without_memory(state, rare)
+    torch.testing.assert_close(model(rare[None], memory=state).logits, model(rare[None], memory=None).logits)
 
 
 def test_focused_reads_need_the_token_ranking():
@@ -196,3 +212,19 @@ def test_one_or_two_writes_are_ranked_by_the_tokens_they_share():
         for write in contexts:
             rare = _rare_tokens(contexts, write) if len(contexts) > 1 else contexts[write][0, :3]
             assert int(model.rank_writes_for(state, rare)[0]) == write
+
+
+def test_ranking_ids_choose_the_write_read_instead_of_the_prompt():
+    model, state, contexts = _written()
+    first, last = min(contexts), max(contexts)
+    prompt, asked = _rare_tokens(contexts, first), _rare_tokens(contexts, last)
+    pool, _ = focused_pool(model, state, asked)
+    reading_last = MemoryLLM.forward(model, prompt[None], memory=pool).logits
+    ranked = model(prompt[None], memory=state, ranking_ids=asked[None]).logits
+    torch.testing.assert_close(ranked, reading_last)
+    assert not torch.allclose(model(prompt[None], memory=state).logits, reading_last)
+    padded = torch.cat([asked, torch.full((3,), -1)])[None]  # -1 pads are not tokens
+    torch.testing.assert_close(model(prompt[None], memory=state, ranking_ids=padded).logits, reading_last)
+    greedy = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = MemoryLLM.generate(model, prompt[None], memory=state, ranking_ids=asked[None], **greedy)
+    assert expected.shape[1] == len(prompt) + 4

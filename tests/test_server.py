@@ -437,3 +437,27 @@ def test_api_keys_come_from_a_toml_or_json_file_and_the_environment(tmp_path):
     for bad in ({}, {"LATENTMEM_API_KEYS": "short:alice"}, {"LATENTMEM_API_KEYS": f"{ALICE}:../root"}):
         with pytest.raises(AuthConfigError):
             load_keys(None, environ=bad)
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "alone"])
+def test_chat_completions_rank_memory_by_the_last_user_message(tmp_path, tiny, monkeypatch, batching):
+    from latentmem import chat as chat_module
+    from latentmem.server import app as app_module
+    from latentmem.server.batching import ChatBatcher
+
+    seen = []
+    submit, reply = ChatBatcher.submit, chat_module.generate_reply
+    monkeypatch.setattr(ChatBatcher, "submit", lambda self, *a, **k: seen.append(k["ranking_ids"]) or submit(self, *a, **k))
+    monkeypatch.setattr(app_module, "generate_reply", lambda *a, **k: seen.append(k["ranking_ids"]) or reply(*a, **k))
+    model, tokenizer = tiny
+    srv = ThreadServer(create_app(model, tokenizer, data_dir=tmp_path / "data", api_keys=KEYS, model_name="tiny",
+                                  batching=batching))  # fmt: skip
+    try:
+        with client(srv) as c:
+            messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"},
+                        {"role": "user", "content": "Where is the key?"}]  # fmt: skip
+            body = {"model": "tiny", "messages": messages, "max_tokens": 3, "temperature": 0}
+            assert c.post("/v1/chat/completions", json=body).status_code == 200
+    finally:
+        srv.stop()
+    assert seen == [tokenizer("Where is the key?", add_special_tokens=False).input_ids]

@@ -603,3 +603,61 @@ def _recording_trainer(trainer_class, stages: list):
             super().__init__(model, make_task, config, *args, **kwargs)
 
     return Recording
+
+
+def test_unrelated_episodes_read_a_write_that_does_not_answer_and_target_the_base_reply():
+    from latentmem.models import byte_tokenizer
+    from latentmem.training import FactTask
+
+    tokenizer = byte_tokenizer()
+    reply = torch.tensor(tokenizer("I'm doing well, thanks!<|end|>", add_special_tokens=False).input_ids)
+    asked = []
+    task = FactTask(tokenizer, ["one two three four five six seven eight nine ten eleven twelve"] * 3, seed=0,
+                    base_reply=lambda prompt: asked.append(prompt) or reply)  # fmt: skip
+    episodes = [task.unrelated_episode() for _ in range(40)]
+    kinds = [e.meta["relation"] for e in episodes]
+    assert {"unrelated_chat", "unrelated_text"} == set(kinds) and kinds.count("unrelated_chat") > 20
+    for episode in episodes:
+        assert len(episode.contexts) == 1 and episode.meta["unrelated"] and episode.write_with_grad
+        scored = episode.labels[episode.labels != IGNORE]
+        if episode.meta["relation"] == "unrelated_chat":  # the prompt unscored, the base's reply scored
+            assert torch.equal(scored, reply) and torch.equal(episode.target[-len(reply):], reply)
+            assert "<|assistant|>" in tokenizer.decode(episode.target[: -len(reply)])
+        else:  # English text, every token scored
+            assert torch.equal(episode.labels, episode.target)
+    assert len(asked) == kinds.count("unrelated_chat")
+    with pytest.raises(ValueError, match="base_reply"):
+        FactTask(tokenizer, ["a b c"] * 3, seed=0).unrelated_episode()
+
+
+def test_a_stage_sets_the_share_of_unrelated_episodes_and_they_are_never_re_asked(tmp_path):
+    from latentmem.models import byte_tokenizer
+    from latentmem.training import FactTask
+
+    tokenizer = byte_tokenizer()
+    def task(rank: int) -> FactTask:
+        return FactTask(tokenizer, ["a b c d e f g h i j k l"] * 3, seed=rank, base_reply=lambda prompt: torch.tensor([5, 6]))
+
+    config = TrainingConfig(stages=[Stage(1, num_blocks=1)], batch_size=2, progress=False, final_eval=False)
+    trainer = Trainer(make_model(num_tokens=K), task, config, tmp_path)
+    stage = Stage(1, num_blocks=1, unrelated=0.5, retention=0.0)
+    trainer.prepare_states(stage)
+    episodes = [trainer.next_episode(i % 2, stage) for i in range(40)]
+    assert 5 < sum(bool(e.meta.get("unrelated")) for e in episodes) < 35
+    trainer.remember(episodes[:2], [type("R", (), {"injection_ids": [7]})()] * 2)
+    assert len(trainer.history[0]) + len(trainer.history[1]) == sum(not e.meta.get("unrelated") for e in episodes[:2])
+
+
+def test_base_replies_are_the_base_models_greedy_continuation_cached():
+    from latentmem.models import load_model
+    from latentmem.training.tasks import BaseReplies
+
+    model, tokenizer = load_model("tiny")
+    replies = BaseReplies(model, tokenizer, max_new_tokens=5)
+    prompt = torch.tensor(tokenizer("Question: Hello?\nAnswer:", add_special_tokens=False).input_ids)
+    reply = replies(prompt)
+    expected = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              memory=None, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.eos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)[0, len(prompt):]  # fmt: skip
+    assert torch.equal(reply, expected) and 0 < len(reply) <= 5
+    assert replies(prompt) is reply  # cached

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from latentmem.data.filler import FillerStream, filler_paragraphs
@@ -15,8 +16,9 @@ from latentmem.training.tasks import qa_ids
 SCRIPT = Path(__file__).parents[1] / "scripts" / "warm_retention.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("warm_retention", SCRIPT)
+def load_script(name: str = "warm_retention"):
+    """A script of `scripts/` as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,9 +51,7 @@ def test_teacher_forced_exact_hit_agrees_with_greedy_decoding():
 def test_train_retriever_script_saves_retrievers_that_warm_retention_loads(tmp_path, monkeypatch):
     import sys
 
-    spec = importlib.util.spec_from_file_location("train_retriever", SCRIPT.parent / "train_retriever.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    trainer = load_script("train_retriever")
     argv = ["train_retriever.py", "--model", "tiny", "--out", str(tmp_path), "--steps", "3", "--seconds", "60"]
     monkeypatch.setattr(sys, "argv", argv)
     trainer.main()
@@ -71,9 +71,7 @@ def test_stream_retention_scores_focused_reads_as_greedy_decoding_answers(tmp_pa
     import json
     import sys
 
-    spec = importlib.util.spec_from_file_location("stream_retention", SCRIPT.parent / "stream_retention.py")
-    stream = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stream)
+    stream = load_script("stream_retention")
     model, tokenizer = load_model("tiny")
     model.config.focused_writes = 1
     facts, filler = FactGenerator(31000, "heldout", (1, 2)), FillerStream(filler_paragraphs(source="stdlib"), 1)
@@ -113,9 +111,7 @@ def test_plot_curves_draws_training_legs_and_stream_retention(tmp_path, monkeypa
     import json
     import sys
 
-    spec = importlib.util.spec_from_file_location("plot_curves", SCRIPT.parent / "plot_curves.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_script("plot_curves")
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 1.0 / s} for s in (5, 10)] + [{"step": s, "loss": 0.5 / s, "leg": 1} for s in (5, 10)]
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 10, "exact@0": 0.9}\n')
@@ -128,3 +124,39 @@ def test_plot_curves_draws_training_legs_and_stream_retention(tmp_path, monkeypa
         monkeypatch.setattr(sys, "argv", ["plot_curves.py", *argv])
         plot.main()
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "retention.png").stat().st_size > 1000
+
+
+def test_stream_retention_ranks_writes_by_the_question_not_the_forced_answer(monkeypatch):
+    stream = load_script("stream_retention")
+    model, tokenizer = load_model("tiny")
+    model.config.focused_writes = 1
+    memory = model.new_memory(0)
+    document = FactGenerator(31001, "heldout", (1, 1)).document()
+    model.inject(memory, text=document.text, tokenizer=tokenizer, allow_short=True)
+    prompt, answer = qa_ids(tokenizer, document.qa[0])
+    ranked_by = []
+    rank = type(model).rank_writes_for
+    monkeypatch.setattr(type(model), "rank_writes_for", lambda self, m, ids: ranked_by.append(ids) or rank(self, m, ids))
+    stream.answers_exactly(model, memory, prompt, answer, "focused1")
+    assert ranked_by and all(torch.equal(ids, prompt) for ids in ranked_by)  # the answer's tokens would leak
+
+
+def test_average_adapters_writes_the_weighted_mean_with_the_last_header(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    script = load_script("average_adapters")
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, value, layout in ((first, 1.0, "pool"), (second, 3.0, "per_write")):
+        folder.mkdir()
+        save_file({"w": torch.full((2, 3), value), "v": torch.full((4,), -value)}, folder / script.FILE,
+                  metadata={"memory_positions": layout})  # fmt: skip
+    out = script.average([first, second], tmp_path / "mean")
+    mean = load_file(out)
+    assert torch.equal(mean["w"], torch.full((2, 3), 2.0)) and torch.equal(mean["v"], torch.full((4,), -2.0))
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["memory_positions"] == "per_write"
+    weighted = load_file(script.average([first, second], tmp_path / "weighted", [0.75, 0.25]))
+    assert torch.equal(weighted["w"], torch.full((2, 3), 1.5))
+    with pytest.raises(ValueError, match="summing to 1"):
+        script.average([first, second], tmp_path / "bad", [0.5, 0.6])

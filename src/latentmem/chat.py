@@ -179,8 +179,12 @@ def generate_reply(
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
+    ranking_ids: Sequence[int] | None = None,
 ) -> Reply:
-    """Generate one reply to the prompt `ids`, reading `memory`; `temperature=0` is greedy."""
+    """Generate one reply to the prompt `ids`, reading `memory`; `temperature=0` is greedy.
+
+    `ranking_ids`: the tokens a focused read ranks writes by (`asked_ids`: the message asked), when
+    the prompt holds more than it (earlier turns); default the whole prompt."""
     streamer = TextDeltas(tokenizer, on_text, stop)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
     greedy = temperature == 0
@@ -192,11 +196,24 @@ def generate_reply(
         out = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), memory=memory,
             max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=eos or None, pad_token_id=pad,
-            stopping_criteria=done, **sampling,
+            stopping_criteria=done, **sampling, **_ranking(ranking_ids, model.device),
         )  # fmt: skip
     new = out[0, input_ids.shape[1] :].tolist()
     ended = streamer.stopped or (bool(new) and new[-1] in eos)
     return Reply(streamer.text, len(ids), len(new), "stop" if ended or len(new) < max_new_tokens else "length")
+
+
+def asked_ids(tokenizer, messages: Sequence[dict]) -> list[int] | None:
+    """Token ids of the last user message: what a focused read ranks writes by in a chat (the other
+    turns in the prompt are what the window already shows); None when there is no user message."""
+    asked = [m["content"] for m in messages if m.get("role") == "user"]
+    return tokenizer(asked[-1], add_special_tokens=False).input_ids if asked and asked[-1] else None
+
+
+def _ranking(ranking_ids: Sequence[int] | None, device) -> dict:
+    if not ranking_ids:
+        return {}
+    return {"ranking_ids": torch.tensor([list(ranking_ids)], dtype=torch.long, device=device)}
 
 
 def _eos_ids(model: MemoryLLM, tokenizer) -> list[int]:
@@ -254,10 +271,11 @@ class ChatSession:
         """Add a user turn, answer it from the window and memory, then slide the window."""
         self.window.append(Turn("user", text))
         self._slide(keep=1)
+        messages = self.messages()
         reply = generate_reply(
-            self.model, self.tokenizer, self.memory, prompt_ids(self.tokenizer, self.messages()),
+            self.model, self.tokenizer, self.memory, prompt_ids(self.tokenizer, messages),
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, on_text=on_text,
-            stop=default_stops(self.tokenizer),
+            stop=default_stops(self.tokenizer), ranking_ids=asked_ids(self.tokenizer, messages),
         )  # fmt: skip
         self.window.append(Turn("assistant", reply.text.strip()))
         self._slide(keep=2)

@@ -52,8 +52,8 @@ class MemoryLLMConfig(PretrainedConfig):
             are now (short-term pool; M+: long-term memory too), K slots each, once, the best
             nearest the prompt: [bos ; K slots ; prompt], the layout the adapters were trained on.
             They read one write alone far better than one write among many (docs/experiments.md);
-            n=1 read best on SmolLM2. A prompt sharing no rare token with any write reads the
-            newest n writes.
+            n=1 read best on SmolLM2. A prompt sharing no ranked token with any write is read
+            by the base model (`MemoryLLM.reads_without_memory`).
         isolated_writes: False (the release): a write reads the newest K slots before its text,
             so each write's slots depend on the one before, and so on down the stream. True: every
             write is computed from its text alone, as a write into an empty pool is (a text

@@ -14,7 +14,9 @@ Ranking: M+ uses its token index (`ltm/matching.py:rank_writes_by_tokens`, with 
 reaching far back); MemoryLLM ranks the writes that still hold slots in the pool by the distinct
 token ids each injection recorded when written (`Injection.distinct_tokens`), with the same
 inverse-document-frequency weights: a token every write holds weighs nothing, a rare shared name
-decides.
+decides. Both rank by `MemoryLLM.ranking_tokens(prompt)`: the prompt without its chat template's
+text, question words and punctuation (`models.ranking_stop_tokens`), which say nothing of what the
+question is about.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def focused_pool(model: "MemoryLLM", state: MemoryState, prompt_ids: torch.Tenso
     trained to read: [bos ; one write's K slots]. A write that lost slots (random drops) repeats
     the ones left up to K; a write tiled over an empty pool gives one whole copy. A layer where
     fewer than n ranked writes hold slots repeats the ones found; a layer where none does, or a
-    prompt that shares no rare token with any write, reads the pool's newest n*K slots.
+    prompt that shares no rare token with any write (in a batch with prompts that do: a batch of
+    such prompts alone is read by the base model), reads the pool's newest n*K slots.
     """
     ranked = list(model.rank_writes_for(state, prompt_ids))[:MAX_TRIED]
     wanted, per_write = model.config.focused_writes, model.config.num_tokens

@@ -62,6 +62,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.adapters = AdapterSwitch(self.backbone, config.lora, config.add_decoder_lora)
         self.prefix_cache = PrefixCache()
         self.checkpoint_memory: MemoryState | None = None  # the pool an official checkpoint ships
+        self._ranking_skip: torch.Tensor | None = None  # prompt tokens focused reads ignore (`skip_in_ranking`)
         self.generation_config = self.backbone.generation_config
 
     # --- structure ------------------------------------------------------------------------
@@ -237,17 +238,38 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
     def rank_writes_for(self, memory: MemoryState, prompt_ids: torch.Tensor):
         """Writes best first for a focused read of `prompt_ids`: those in the pool, by shared rare tokens."""
-        return rank_pool_writes(memory, prompt_ids)
+        return rank_pool_writes(memory, self.ranking_tokens(prompt_ids))
 
-    def reads_without_memory(self, memory) -> bool:
-        """Whether a read of `memory` runs as the plain base model (no memory, no read adapter).
+    def skip_in_ranking(self, token_ids) -> None:
+        """Never rank writes by these prompt tokens: the chat template's own text and question words
+        (`load_model` passes `models.ranking_stop_tokens(tokenizer)`). SmolLM2's system prompt ("... named SmolLM, trained by
+        Hugging Face") is in every prompt, and its pieces (" H", "ol") are rare among writes: the
+        one write holding them ("... I started Honaiazol.") was ranked first for questions about
+        anything (measured: docs/experiments.md)."""
+        self._ranking_skip = torch.as_tensor(sorted({int(t) for t in token_ids}), dtype=torch.long)
 
-        A focused model reads an empty memory so: its read adapter learned to answer from memory,
-        bare answers only, and with nothing written it answered a greeting with one word of it
-        ("Biscuit"), where the base model replies. The release (focused_writes=0) reads an empty
-        memory through its read adapter, as the official code does.
+    def ranking_tokens(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """`prompt_ids` without the tokens set by `skip_in_ranking`: the ones a focused read ranks by."""
+        ids = prompt_ids.reshape(-1)
+        skip = self._ranking_skip
+        return ids if skip is None or len(skip) == 0 else ids[~torch.isin(ids, skip.to(ids.device))]
+
+    def reads_without_memory(self, memory, prompt_ids: torch.Tensor | None = None) -> bool:
+        """Whether a read of `memory` (by the prompt `prompt_ids [n]`, when given) runs as the plain
+        base model (no memory, no read adapter).
+
+        A focused model reads so an empty memory, and a memory in which no write shares a token with
+        the prompt (besides `skip_in_ranking`'s): its read adapter learned to answer from memory,
+        bare answers only. With nothing written it answered a greeting with one word of it
+        ("Biscuit"); with a memory in use it answered "What is the capital of France?" with a town
+        from a note (docs/experiments.md), where the base model replies. The release
+        (focused_writes=0) reads every memory through its read adapter, as the official code does.
         """
-        return bool(self.config.focused_writes) and isinstance(memory, MemoryState) and not memory.initialized
+        if not self.config.focused_writes or not isinstance(memory, MemoryState):
+            return False
+        if not memory.initialized:
+            return True
+        return prompt_ids is not None and len(self.rank_writes_for(memory, torch.as_tensor(prompt_ids))) == 0
 
     def reads_depend_on_prompt(self, memory: MemoryState) -> bool:
         """Whether what a read of `memory` attends to depends on the prompt (focused reads)."""
@@ -291,6 +313,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         past_key_values=None,
         previous_token_ids: torch.LongTensor | None = None,
         focused: bool = True,
+        ranking_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal LM forward that reads `memory`; with `memory=None`, exactly the plain backbone.
@@ -303,24 +326,23 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         must come from a previous call with the same memory. `previous_token_ids [B]`: the token
         before `input_ids` when continuing a cache (only models with token shift use it; `generate`
         passes it). With `focused_writes`, each prompt reads its best-ranked writes (`focus.py`);
-        `focused=False` reads the pool as it is.
+        `focused=False` reads the pool as it is. `ranking_ids [B, m]` (-1 pads): the tokens each row's
+        focused read ranks writes by, instead of its whole prompt (a chat passes the message asked,
+        not the window of earlier turns).
         """
         cache = cache if cache is not None else past_key_values
         if focused and self.focuses(memory):
             return self._focused_forward(
                 memory, cache, input_ids, attention_mask, position_ids, labels, use_cache, logits_to_keep,
-                previous_token_ids, **kwargs,
+                previous_token_ids, ranking_ids=ranking_ids, **kwargs,
             )  # fmt: skip
         if self.reads_without_memory(memory):
             memory = None
+        if memory is None:
+            return self._base_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache,
+                                      logits_to_keep, previous_token_ids, **kwargs)  # fmt: skip
         input_ids, inputs_embeds = self._embedded_inputs(input_ids, inputs_embeds, previous_token_ids, attention_mask)
         common = dict(labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs)
-        if memory is None:
-            with self.adapters.use("base"):
-                return self.backbone(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=cache, use_cache=use_cache, **common,
-                )  # fmt: skip
 
         prefix = self.memory_prefix(memory)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -335,18 +357,24 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
     def _focused_forward(
         self, memory: MemoryState, cache, input_ids, attention_mask, position_ids, labels, use_cache,
-        logits_to_keep, previous_token_ids, **kwargs,
+        logits_to_keep, previous_token_ids, ranking_ids=None, **kwargs,
     ) -> CausalLMOutputWithPast:
         """A read with `focused_writes`: each prompt attends to its best-ranked writes' K slots, once
         each (`focus.py`); later generation steps continue the cache that first pass filled."""
         self.check_state(memory)
         if input_ids is None:
             raise ValueError("focused reads rank writes by the prompt's tokens: pass input_ids (not inputs_embeds)")
+        rows = _ranked_rows(input_ids, attention_mask, ranking_ids)
+        if self._prompt_reads_as_base(memory, cache, rows):
+            out = self._base_forward(input_ids, None, attention_mask, position_ids, cache, labels, use_cache,
+                                     logits_to_keep, previous_token_ids, **kwargs)  # fmt: skip
+            if out.cache is not None:
+                out.cache.reads_as_base = True  # later generation steps continue without memory
+            return out
         prefix_length = self.read_prefix_length(memory)
         start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
         if cache is None or cache.get_seq_length() == 0:
             cache = DynamicCache(config=self.backbone.config)
-            rows = [row if attention_mask is None else row[attention_mask[b].bool()] for b, row in enumerate(input_ids)]
             with self.adapters.use("read"):
                 pools = [focused_pool(self, memory, ids) for ids in rows]
                 prefixes = [compute_memory_prefix(self, pool, sources=sources) for pool, sources in pools]
@@ -358,6 +386,27 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             prefix_length, cache, input_ids, attention_mask, position_ids, use_cache, prompt_start=start,
             labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip
+
+    def _prompt_reads_as_base(self, memory: MemoryState, cache, rows: list[torch.Tensor]) -> bool:
+        """A focused read goes to the base model when no row of the batch shares a ranked token with
+        any write (`reads_without_memory`; `rows`: each row's ranking ids); a cache it filled says so
+        for later steps."""
+        if cache is not None and cache.get_seq_length() > 0:
+            return bool(getattr(cache, "reads_as_base", False))
+        return all(self.reads_without_memory(memory, row) for row in rows)
+
+    def _base_forward(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache, logits_to_keep,
+        previous_token_ids, **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The plain backbone, no memory and no adapter (token shift, if any, still applies)."""
+        input_ids, inputs_embeds = self._embedded_inputs(input_ids, inputs_embeds, previous_token_ids, attention_mask)
+        with self.adapters.use("base"):
+            return self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds,
+                **kwargs,
+            )  # fmt: skip
 
     def read_after_prefix(
         self, prefix_length: int, cache, input_ids, attention_mask, position_ids, use_cache,
@@ -429,3 +478,12 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, layout=layout, memory=memory)
+
+
+def _ranked_rows(input_ids: torch.Tensor, attention_mask, ranking_ids) -> list[torch.Tensor]:
+    """Per row, the tokens a focused read ranks writes by: `ranking_ids`' row (its -1 pads dropped)
+    when given, else the row's real prompt tokens."""
+    if ranking_ids is not None:
+        ranking_ids = torch.as_tensor(ranking_ids, device=input_ids.device).reshape(len(input_ids), -1)
+        return [row[row >= 0] for row in ranking_ids]
+    return [row if attention_mask is None else row[attention_mask[b].bool()] for b, row in enumerate(input_ids)]

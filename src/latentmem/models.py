@@ -59,7 +59,39 @@ def load_model(
         model, tokenizer = load_preset(str(path))
     if dtype is not None or device is not None:
         model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model.skip_in_ranking(ranking_stop_tokens(tokenizer))
     return model, tokenizer
+
+
+# Words that say what kind of question is asked, not what it is about. Rare in the writes (notes
+# state facts), so by inverse document frequency alone "What ...?" lifted the one note that held a
+# question of its own ("What makes Iris's lasagne so good?") over the note about the question's name.
+STOP_WORDS = """a an the of to in on at for from by with and or but not no is are was were be been am do does
+    did have has had i me my mine you your we our us he him his she her it its they them their this that these
+    those there here what which who whom whose where when why how can could will would should shall may
+    might must""".split()  # noqa: SIM905 (a word list reads best as text)
+
+
+PUNCTUATION = ("?", ".", "!", ",", ":", ";", "'", '"', "(", ")", " -", "-")
+
+
+def ranking_stop_tokens(tokenizer) -> list[int]:
+    """Token ids focused reads do not rank writes by (`MemoryLLM.skip_in_ranking`): the chat
+    template's own text (system prompt, role markers: rendered from one empty user turn and the
+    generation prompt, so in every chat prompt) and English question and function words (each
+    spelling that is one token: " what", "What", " What"; not "what", a piece of longer words and
+    names), "'s" and punctuation."""
+    found = set()
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                                 tokenize=False)  # fmt: skip
+        found.update(tokenizer(rendered, add_special_tokens=False).input_ids)
+    spellings = [s for word in STOP_WORDS for s in (" " + word, word.capitalize(), " " + word.capitalize())]
+    for spelling in [*spellings, "'s", *PUNCTUATION]:
+        ids = tokenizer(spelling, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            found.add(ids[0])
+    return sorted(found)
 
 
 def _load_folder(folder: Path, dtype, device) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
@@ -79,6 +111,7 @@ def _load_folder(folder: Path, dtype, device) -> tuple[MemoryLLM, PreTrainedToke
         raise FileNotFoundError(f"{folder} has no usable tokenizer files ({err})") from err
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    model.skip_in_ranking(ranking_stop_tokens(tokenizer))
     return model.eval(), tokenizer
 
 

@@ -164,7 +164,7 @@ class MPlus(MemoryLLM):
 
     def rank_writes_for(self, memory: MemoryState, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Writes best first for a focused read of `prompt_ids`: by the token index (`write_ranking="tokens"`)."""
-        return token_ranking(self, memory, prompt_ids)
+        return token_ranking(self, memory, self.ranking_tokens(prompt_ids))
 
     def reads_depend_on_prompt(self, memory: MemoryState) -> bool:
         """Whether what a read of `memory` attends to depends on the prompt (retrieved or focused slots)."""
@@ -189,6 +189,7 @@ class MPlus(MemoryLLM):
         past_key_values=None,
         previous_token_ids: torch.LongTensor | None = None,
         retrieve_fn=None,
+        ranking_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """As `MemoryLLM.forward`; a state with long-term slots also reads what the prompt retrieves.
@@ -199,7 +200,7 @@ class MPlus(MemoryLLM):
         if retrieve_fn is None and self.focuses(memory):
             return self._focused_forward(
                 memory, cache, input_ids, attention_mask, position_ids, labels, use_cache, logits_to_keep,
-                previous_token_ids, **kwargs,
+                previous_token_ids, ranking_ids=ranking_ids, **kwargs,
             )  # fmt: skip
         count = self.retrieval_count(memory) if isinstance(memory, MemoryState) and memory.initialized else 0
         if count == 0:

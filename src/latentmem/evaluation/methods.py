@@ -12,6 +12,7 @@ retrieved chunks) where that model reads context best (`data.synthetic.context_p
 
 from __future__ import annotations
 
+import copy
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -32,11 +33,18 @@ class Answer:
     latency_s: float
 
 
+# A prompt without memory that starts with at least this many tokens of the previous one reuses their
+# keys and values: replay asks every question of a long stream after the same history (thousands of
+# tokens), which would otherwise be recomputed per question.
+MIN_SHARED_PREFIX = 64
+
+
 class LM:
     """A loaded causal LM and its tokenizer, as the methods use it: count tokens and generate greedily."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 12):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self._prefix: tuple[list[int], object] | None = None  # (prompt ids, their cache) of the last plain prompt
 
     @property
     def window(self) -> int:
@@ -63,15 +71,44 @@ class LM:
 
     @torch.no_grad()
     def generate(self, prompt: str, memory=None, max_new_tokens: int | None = None) -> str:
-        """Greedy continuation of `prompt` (read from `memory` when one is given)."""
-        ids = torch.tensor([self.encode(prompt)], device=self.model.device)
-        extra = {"memory": memory} if memory is not None else {}  # plain HF models take no memory kwarg
+        """Greedy continuation of `prompt` (read from `memory` when one is given). Without memory, the
+        keys and values of the tokens it shares with the previous such prompt are reused."""
+        token_ids = self.encode(prompt)
+        ids = torch.tensor([token_ids], device=self.model.device)
+        cache = None if memory is not None else self._cache_for(token_ids)
+        extra = {"memory": memory} if memory is not None else {"cache": cache}
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=False, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             **extra,
         )  # fmt: skip
+        if cache is not None:  # keep this prompt's keys and values (all but its last token) for the next one
+            _cut(cache, len(token_ids) - 1)
+            self._prefix = (token_ids[:-1], cache)
         return self.decode(out[0, ids.shape[1] :].tolist())
+
+    def _cache_for(self, token_ids: list[int]):
+        """A cache holding the prompt's first tokens where they are the previous prompt's (a copy, cut to
+        the shared part: generation extends it), else an empty one."""
+        from transformers import DynamicCache
+
+        shared = 0
+        if self._prefix is not None:
+            previous = self._prefix[0]
+            limit = min(len(previous), len(token_ids) - 1)  # leave one token to run: generate needs its logits
+            while shared < limit and previous[shared] == token_ids[shared]:
+                shared += 1
+        if shared < MIN_SHARED_PREFIX:
+            return DynamicCache(config=getattr(self.model.config, "backbone_config", None) or self.model.config)
+        return _cut(copy.deepcopy(self._prefix[1]), shared)
+
+
+def _cut(cache, length: int):
+    """`cache` keeping its first `length` positions (transformers crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+    return cache
 
 
 class Method(ABC):

@@ -47,7 +47,7 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from ..chat import default_stops, generate_reply, memory_ids, memory_sources, prompt_ids
+from ..chat import asked_ids, default_stops, generate_reply, memory_ids, memory_sources, prompt_ids
 from ..models import model_name as default_model_name
 from ..persistence import MemoryFileError, names_long_term_store
 from ..state import MemoryState
@@ -227,15 +227,17 @@ def create_app(
             raise ApiError(
                 400, f"max_tokens {max_new} is over this server's limit of {max_new_tokens}", param="max_tokens"
             )
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = prompt_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+            ids = prompt_ids(tokenizer, messages)
         except TemplateError as err:
             raise ApiError(400, f"the model's chat template rejected these messages: {err}", param="messages") from err
         if context and 1 + N + len(ids) + max_new > context:
             message = (f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceed the model's context of "
                        f"{context - 1 - N} positions after memory")  # fmt: skip
             raise ApiError(400, message, "context_length_exceeded", "messages")
-        options = {"max_new_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "stop": stop}
+        options = {"max_new_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "stop": stop,
+                   "ranking_ids": asked_ids(tokenizer, messages)}  # fmt: skip
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             with registry.read(user, session):  # a session that cannot be read fails here, not after the 200

@@ -118,7 +118,12 @@ class ChatRow:
     reply: Reply | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    role: str = "read"  # the adapter its forwards run with ("base": a focused model's empty memory)
+    role: str = "read"  # the adapter its forwards run with ("base": a focused model reading nothing)
+    ranking: list[int] | None = None  # the tokens a focused read ranks writes by (default: the prompt)
+
+    @property
+    def ranked_by(self) -> list[int]:
+        return self.ranking or self.prompt
 
 
 class _Scheduler:
@@ -184,19 +189,21 @@ class ChatBatcher(_Scheduler):
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        ranking_ids: Sequence[int] | None = None,
     ) -> Reply:
         row = self.submit(memory, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          stop=stop, on_text=on_text, cancel=cancel)  # fmt: skip
+                          stop=stop, on_text=on_text, cancel=cancel, ranking_ids=ranking_ids)  # fmt: skip
         return self.wait(row)
 
     def submit(self, memory, ids: Sequence[int], *, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=(),
-               on_text=None, cancel=None) -> ChatRow:  # fmt: skip
+               on_text=None, cancel=None, ranking_ids=None) -> ChatRow:  # fmt: skip
         """Queue a request; it joins the batch at the next step (`wait` for its reply)."""
         self.model.check_state(memory)
         if not ids:
             raise ValueError("an empty prompt")
         streamer = TextDeltas(self.tokenizer, on_text, stop)
-        row = ChatRow(memory, list(ids), max_new_tokens, temperature, top_p, streamer, cancel)
+        row = ChatRow(memory, list(ids), max_new_tokens, temperature, top_p, streamer, cancel,
+                      ranking=list(ranking_ids) if ranking_ids else None)  # fmt: skip
         self._enqueue(row)
         return row
 
@@ -236,7 +243,7 @@ class ChatBatcher(_Scheduler):
             alone, packed = [], []
             for row in joining:  # a request that cannot start fails alone
                 try:
-                    if _retrieves(model, row.state):
+                    if _retrieves(model, row.state) and not model.reads_without_memory(row.state, row.ranked_by):
                         self._advance(row, self._prefill_alone(row))
                         alone.append(row)
                     else:
@@ -265,9 +272,10 @@ class ChatBatcher(_Scheduler):
 
     def _seed(self, row: ChatRow) -> None:
         """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt
-        position. A focused model's empty memory has no prefix: the row decodes as the base model."""
+        position. A focused model reading nothing (an empty memory, or no write sharing a token with
+        the prompt) has no prefix: the row decodes as the base model."""
         row.cache = DynamicCache(config=self.model.backbone.config)
-        if self.model.reads_without_memory(row.state):
+        if self.model.reads_without_memory(row.state, row.ranked_by):
             row.role, row.position = "base", 0
             return
         prefix = self.model.memory_prefix(row.state)
@@ -277,8 +285,9 @@ class ChatBatcher(_Scheduler):
     def _prefill_alone(self, row: ChatRow) -> torch.Tensor:
         model = self.model
         ids = torch.tensor([row.prompt], dtype=torch.long, device=model.device)
+        ranking = torch.tensor([row.ranked_by], dtype=torch.long, device=model.device)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), memory=row.state, use_cache=True,
-                    logits_to_keep=1)  # fmt: skip
+                    logits_to_keep=1, ranking_ids=ranking)  # fmt: skip
         row.cache = out.cache
         # as M+ numbers later steps: the prompt starts after [bos ; retrieved ; STM] (or the focused pool)
         length = model.read_prefix_length(row.state)

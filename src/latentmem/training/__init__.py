@@ -16,7 +16,8 @@ Building blocks for your own data and base model:
 - `Trainer(model, make_task, TrainingConfig(...), out_dir).train()`: the loop (curriculum
   `Stage`s, gradient accumulation, bf16 on GPU / fp32 on CPU, checkpoints, JSONL metrics).
 - `MemoryObjective` / `Episode`: MemoryLLM's training objective, one memory state per episode (batched across states).
-- `FactTask` (synthetic facts + filler distractors), `CorpusTask` (segments of local documents).
+- `FactTask` (synthetic facts + filler distractors; `BaseReplies` for its unrelated reads),
+  `CorpusTask` (segments of local documents).
 - `recall_accuracy(model, tokenizer, ...)`: exact-hit on held-out facts after n distractors.
 - `train_bpe_tokenizer(texts, vocab_size)`: a small BPE for models trained from scratch.
 """
@@ -24,11 +25,11 @@ Building blocks for your own data and base model:
 from .objective import Episode, MemoryObjective
 from .presets import PRESETS, Preset, train_preset
 from .recall import recall_accuracy
-from .tasks import CorpusTask, FactTask
+from .tasks import BaseReplies, CorpusTask, FactTask
 from .tokenizer import train_bpe_tokenizer
 from .trainer import Stage, Trainer, TrainingConfig, trainable_parameters
 
 __all__ = [
-    "PRESETS", "CorpusTask", "Episode", "FactTask", "MemoryObjective", "Preset", "Stage", "Trainer",
+    "PRESETS", "BaseReplies", "CorpusTask", "Episode", "FactTask", "MemoryObjective", "Preset", "Stage", "Trainer",
     "TrainingConfig", "recall_accuracy", "train_bpe_tokenizer", "train_preset", "trainable_parameters",
 ]  # fmt: skip

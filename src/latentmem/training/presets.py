@@ -32,7 +32,7 @@ from ..presets.smollm2 import (  # noqa: F401
     SMOLLM2_GGUF, SMOLLM2_TOKENIZER, _save_atomically, load_smollm2_backbone, smollm2_cache_dir, smollm2_folder,
 )
 from .recall import recall_accuracy
-from .tasks import FactTask
+from .tasks import BaseReplies, FactTask
 from .tokenizer import train_bpe_tokenizer
 from .trainer import Stage, Trainer, TrainingConfig
 
@@ -150,9 +150,11 @@ SMOLLM2 = Preset(
     name="smollm2-135m",
     config=TrainingConfig(
         # Each episode's document alone in an empty memory, read from its own K slots: what every
-        # focused read of an isolated write sees. The shipped adapter is this stage (240 steps,
-        # ~40 minutes on 2 CPU cores) continued twice with --init (docs/models.md has the commands).
-        stages=[Stage(240, num_blocks=1, reset_memory=1.0)],
+        # focused read of an isolated write sees. A quarter of the episodes read a write that does
+        # not answer them (a general prompt with the base model's reply, or English text), so
+        # the adapters leave the model as it was when memory has nothing to say. The shipped adapter
+        # is this recipe continued four times with --init (docs/models.md has the commands).
+        stages=[Stage(240, num_blocks=1, reset_memory=1.0, unrelated=0.25)],
         batch_size=4,
         lr=2e-3,
         warmup_steps=10,
@@ -297,10 +299,13 @@ def train_preset(
         load_memory_adapter(model, init)
     filler = filler_paragraphs(source="stdlib")
 
+    replies = BaseReplies(model, tokenizer) if any(stage.unrelated for stage in config.stages) else None
+
     def make_task(rank: int) -> FactTask:
         return FactTask(tokenizer, filler, seed=seed * 1000 + rank, filler_words=preset.filler_words,
                         facts_per_document=preset.facts_per_document, score_question=preset.score_question,
-                        copy_fraction=preset.copy_fraction, notes_fraction=preset.notes_fraction)  # fmt: skip
+                        copy_fraction=preset.copy_fraction, notes_fraction=preset.notes_fraction,
+                        base_reply=replies)  # fmt: skip
 
     def evaluate(model: MemoryLLM) -> dict:
         return recall_accuracy(model, tokenizer, num_documents=preset.eval_documents, distractors=(0, 5),

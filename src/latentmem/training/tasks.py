@@ -7,14 +7,21 @@ A task turns text into `Episode`s (token ids + labels) and owns its random gener
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from ..data.filler import FillerStream
+from ..data.general import GeneralPrompts
 from ..data.notes import NoteGenerator
 from ..data.synthetic import FactGenerator, answer_text, context_prompt, question_prompt
 from .objective import IGNORE, Episode
+
+
+# Unrelated episodes: the share that continue English text, and its length in words. Short, so that
+# a text target's many scored tokens do not outweigh the answers of the episodes beside it.
+UNRELATED_TEXT = 0.3
+UNRELATED_TEXT_WORDS = (10, 20)
 
 
 def _ids(tokenizer, text: str) -> torch.Tensor:
@@ -49,8 +56,12 @@ class FactTask:
         score_question: bool = False,
         copy_fraction: float = 0.0,
         notes_fraction: float = 0.0,
+        base_reply: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.tokenizer = tokenizer
+        # prompt ids -> the base model's reply ids without memory (`BaseReplies`), for unrelated episodes
+        self.base_reply = base_reply
+        self.general = GeneralPrompts(seed + 4)
         self.facts = FactGenerator(seed, "train", facts_per_document)
         # everyday notes and chat lines (35 relations, many phrasings) next to the synthetic biographies
         self.notes = NoteGenerator(seed + 3, "train", facts_per_document)
@@ -111,6 +122,23 @@ class FactTask:
         return Episode(contexts, target, labels, answer_context=where, meta={"relation": qa.relation},
                        teacher=self.teacher_ids(qa, document.text))  # fmt: skip
 
+    def unrelated_episode(self) -> Episode:
+        """A fact document written, then a target it does not answer, read through memory: half the
+        time (1 - `UNRELATED_TEXT`) a general chat prompt (`data/general.py`) with the base model's own
+        reply (`base_reply`), else a short English passage (every token scored). The read adapters
+        learn to leave the model as it is when memory has nothing to say."""
+        if self.base_reply is None:
+            raise ValueError("unrelated episodes need base_reply= (the base model's replies, e.g. BaseReplies)")
+        context = _ids(self.tokenizer, self.document().text)
+        if self.rng.random() < UNRELATED_TEXT:
+            text = _ids(self.tokenizer, self.filler.passage(*UNRELATED_TEXT_WORDS))
+            return Episode([context], text, text.clone(), meta={"relation": "unrelated_text", "unrelated": True})
+        prompt = _ids(self.tokenizer, question_prompt(self.general.prompt(), self.tokenizer))
+        reply = self.base_reply(prompt)
+        target = torch.cat([prompt, reply])
+        labels = torch.cat([torch.full_like(prompt, IGNORE), reply])
+        return Episode([context], target, labels, meta={"relation": "unrelated_chat", "unrelated": True})
+
     def teacher_ids(self, qa, text: str) -> torch.Tensor:
         """The question asked with `text` in the prompt, then the same answer tokens (for distillation)."""
         _, answer_ids = qa_ids(self.tokenizer, qa)
@@ -118,7 +146,7 @@ class FactTask:
 
     def state_dict(self) -> dict:
         return {"facts": self.facts.state_dict(), "notes": self.notes.state_dict(), "filler": self.filler.state_dict(),
-                "rng": self.rng.getstate()}  # fmt: skip
+                "rng": self.rng.getstate(), "general": self.general.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.facts.load_state_dict(state["facts"])
@@ -126,6 +154,29 @@ class FactTask:
             self.notes.load_state_dict(state["notes"])
         self.filler.load_state_dict(state["filler"])
         self.rng.setstate(state["rng"])
+        if "general" in state:  # checkpoints from before unrelated episodes existed
+            self.general.load_state_dict(state["general"])
+
+
+class BaseReplies:
+    """The base model's greedy reply to a prompt, without memory or adapters: the target of
+    unrelated episodes. The backbone is frozen while the memory path trains, so a reply never
+    changes during a run; replies are cached by prompt."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 24):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
+        key = tuple(prompt.tolist())
+        if key not in self.cache:
+            eos = self.tokenizer.eos_token_id
+            ids = prompt[None].to(self.model.device)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), memory=None, do_sample=False,
+                                      max_new_tokens=self.max_new_tokens, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+            self.cache[key] = out[0, ids.shape[1] :].cpu()
+        return self.cache[key]
 
 
 class CorpusTask:

@@ -50,6 +50,9 @@ class Stage:
     reset_memory: float | None = None  # per-step chance a memory starts empty (None: the config's); 1.0 =
     # every episode writes into an empty memory, so the target reads its context's slots alone
     copy_fraction: float | None = None  # for tasks with copy targets (FactTask): their share (None: the task's)
+    # probability that an episode's write does not answer its target (FactTask.unrelated_episode): a
+    # general prompt answered as the base model answers it, or English text, read through memory
+    unrelated: float = 0.0
 
 
 @dataclass
@@ -173,6 +176,8 @@ class Trainer:
         options = {} if stage.copy_fraction is None else {"copy_fraction": stage.copy_fraction}
         if stage.in_context and self.rng.random() < stage.in_context:
             return self.task.in_context_episode(**options)
+        if stage.unrelated and self.rng.random() < stage.unrelated:
+            return self.task.unrelated_episode()
         if self.history[i] and self.rng.random() < stage.retention:
             episode = self.retention_episode(i, stage)
             if episode is not None:
@@ -265,7 +270,7 @@ class Trainer:
     def remember(self, episodes: list[Episode], results) -> None:
         """Keep each episode's target with the injection that holds its answer, for retention steps."""
         for i, (episode, result) in enumerate(zip(episodes, results)):
-            if episode.answer_context is not None:
+            if episode.answer_context is not None and not episode.meta.get("unrelated"):
                 context = episode.contexts[episode.answer_context]
                 written = min(context.numel(), self.model.config.num_tokens)
                 # the write count right after the answer's write: later writes make it older
