@@ -63,6 +63,15 @@ def test_long_text_leaving_the_window_is_split_into_chunks_within_the_bounds(tin
     assert len(sizes) >= 4 and all(16 <= n <= 40 for n in sizes)
 
 
+def test_a_turn_that_fits_a_write_is_written_whole_not_cut_at_an_even_split(tiny, written):
+    chat = session(tiny, window_tokens=30, min_chunk_tokens=16, max_chunk_tokens=80)
+    reply = "Hello Ada. The harbour sounds lovely this time of year. Is there anything I can do for you today?"
+    chat.add_exchange(FACT, reply)  # 78 + 110 bytes: an even split would cut the fact's sentence
+    chat.add_exchange("Thanks, that is all.", "You are welcome.")
+    assert written[0] == f"User: {FACT}" and all(16 <= len(t.encode()) <= 80 for t in written)
+    assert written[1].startswith("Assistant: Hello Ada. The harbour sounds lovely this time of year.")
+
+
 def test_chunk_bounds_are_checked():
     with pytest.raises(ValueError, match="2 \\* min"):
         session(

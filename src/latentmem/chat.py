@@ -25,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .modeling import MemoryLLM
 from .state import MemoryState
-from .writing import split_into_chunks
+from .segments import text_chunks
 
 ROLE_TAGS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
@@ -291,7 +291,7 @@ class ChatSession:
 
     def remember(self, text: str, source: str | None = None) -> list[int]:
         """Write a text straight into memory (the `/remember` command). Returns the injection ids."""
-        return self._write(memory_ids(self.tokenizer, text), source or self.source, allow_short=True)
+        return self._write(text, source or self.source, allow_short=True)
 
     def forget(self, source: str) -> int:
         """Remove what `source` wrote (`/forget`); its turns still waiting to be written are dropped too."""
@@ -307,8 +307,8 @@ class ChatSession:
     def close(self) -> list[int]:
         """End the session: everything not yet in memory is written (short leftovers allowed), then saved."""
         turns, self.pending, self.window = self.pending + self.window, [], []
-        ids = memory_ids(self.tokenizer, role_tagged(turns)) if turns else []
-        written = self._write(ids, self.source, allow_short=True) if ids else []
+        text = role_tagged(turns) if turns else ""
+        written = self._write(text, self.source, allow_short=True) if text.strip() else []
         self._save()
         return written
 
@@ -328,16 +328,20 @@ class ChatSession:
     def _write_pending(self) -> None:
         if not self.pending:
             return
-        ids = memory_ids(self.tokenizer, role_tagged(self.pending))
-        if len(ids) < self.min_chunk_tokens:
+        text = role_tagged(self.pending)
+        if len(memory_ids(self.tokenizer, text)) < self.min_chunk_tokens:
             return  # too short to write on its own: wait for more
         self.pending = []
-        self._write(ids, self.source, allow_short=False)
+        self._write(text, self.source, allow_short=False)
 
-    def _write(self, ids: list[int], source: str, *, allow_short: bool) -> list[int]:
+    def _write(self, text: str, source: str, *, allow_short: bool) -> list[int]:
+        """Write `text` in chunks that keep turns and sentences whole (`segments.text_chunks`)."""
         written = []
-        for chunk in split_into_chunks(torch.tensor(ids, dtype=torch.long), self.max_chunk_tokens):
-            result = self.model.inject(self.memory, input_ids=chunk, source=source, allow_short=allow_short)
+        chunks = text_chunks(lambda part: memory_ids(self.tokenizer, part), text, self.max_chunk_tokens,
+                             self.min_chunk_tokens)  # fmt: skip
+        for chunk in chunks:
+            ids = torch.tensor(chunk, dtype=torch.long)
+            result = self.model.inject(self.memory, input_ids=ids, source=source, allow_short=allow_short)
             written.append(result.injection_id)
         self._save()
         return written

@@ -185,7 +185,7 @@ def inject(
     from tqdm import tqdm
 
     from .chat import memory_ids
-    from .writing import split_into_chunks
+    from .segments import text_chunks
 
     text = sys.stdin.read() if file == "-" else _read_text(Path(file))
     model, tokenizer = _load(model_path)
@@ -193,7 +193,9 @@ def inject(
     ids = torch.tensor(memory_ids(tokenizer, text), dtype=torch.long)
     if ids.numel() == 0:
         _fail("nothing to inject: the text is empty")
-    chunks = split_into_chunks(ids, model.config.chunk_size)
+    cfg = model.config  # lines and sentences kept whole in a write where they fit (segments.py)
+    chunks = [torch.tensor(chunk) for chunk in text_chunks(lambda part: memory_ids(tokenizer, part), text,
+                                                           cfg.chunk_size, cfg.min_context_tokens)]  # fmt: skip
     label = source or ("stdin" if file == "-" else Path(file).name)
     try:
         model.inject(state, input_ids=chunks[0], source=label, allow_short=allow_short)  # validates before writing

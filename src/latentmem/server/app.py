@@ -52,7 +52,7 @@ from ..models import model_name as default_model_name
 from ..persistence import MemoryFileError, names_long_term_store
 from ..state import MemoryState
 from ..store import ObjectStore, StoreError
-from ..writing import split_into_chunks
+from ..segments import text_chunks
 from .auth import NAME_PATTERN, KeyTable
 from .batching import ChatBatcher, WriteBatcher, inject_batched
 from .errors import ApiError, LastResort, error_body, error_response
@@ -310,7 +310,9 @@ def create_app(
             message = (f"text has {len(ids)} tokens, over this server's limit of {max_inject_tokens} per request; "
                        "send it in parts")  # fmt: skip
             raise ApiError(413, message, "too_many_tokens", "text")
-        chunks = split_into_chunks(torch.tensor(ids, dtype=torch.long), model.config.chunk_size)
+        chunks = [torch.tensor(chunk, dtype=torch.long)  # lines and sentences kept whole where they fit
+                  for chunk in text_chunks(lambda part: memory_ids(tokenizer, part), body.text,
+                                           model.config.chunk_size, model.config.min_context_tokens)]  # fmt: skip
         if min(len(chunk) for chunk in chunks) < minimum and not body.allow_short:
             message = (f"text has {len(ids)} tokens; the model was trained on contexts of >= {minimum} "
                        "(send allow_short: true to inject anyway)")  # fmt: skip

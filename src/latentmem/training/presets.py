@@ -305,7 +305,7 @@ def train_preset(
         return FactTask(tokenizer, filler, seed=seed * 1000 + rank, filler_words=preset.filler_words,
                         facts_per_document=preset.facts_per_document, score_question=preset.score_question,
                         copy_fraction=preset.copy_fraction, notes_fraction=preset.notes_fraction,
-                        base_reply=replies)  # fmt: skip
+                        base_reply=replies, max_write_tokens=model.config.chunk_size)  # fmt: skip
 
     def evaluate(model: MemoryLLM) -> dict:
         return recall_accuracy(model, tokenizer, num_documents=preset.eval_documents, distractors=(0, 5),

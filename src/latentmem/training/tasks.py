@@ -15,6 +15,7 @@ from ..data.filler import FillerStream
 from ..data.general import GeneralPrompts
 from ..data.notes import NoteGenerator
 from ..data.synthetic import FactGenerator, answer_text, context_prompt, question_prompt
+from ..data.wrapping import WriteWrapper
 from .objective import IGNORE, Episode
 
 
@@ -57,6 +58,8 @@ class FactTask:
         copy_fraction: float = 0.0,
         notes_fraction: float = 0.0,
         base_reply: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        wrap_fraction: float = 0.0,
+        max_write_tokens: int = 64,
     ):
         self.tokenizer = tokenizer
         # prompt ids -> the base model's reply ids without memory (`BaseReplies`), for unrelated episodes
@@ -71,6 +74,10 @@ class FactTask:
         self.filler_words = filler_words
         self.score_question = score_question
         self.copy_fraction = copy_fraction
+        # a share of the fact documents written inside a chat exchange or prose (`data/wrapping.py`)
+        self.wrap_fraction = wrap_fraction
+        self.wrapper = WriteWrapper(lambda text: len(_ids(tokenizer, text)), self.filler.passage, max_write_tokens,
+                                    seed + 5)  # fmt: skip
 
     def qa_target(self, qa) -> tuple[torch.Tensor, torch.Tensor]:
         """A question in the model's prompt format, then its answer and the end token."""
@@ -107,20 +114,28 @@ class FactTask:
         use_notes = self.notes_fraction and self.rng.random() < self.notes_fraction
         return (self.notes if use_notes else self.facts).document()
 
-    def episode(self, max_contexts: int, copy_fraction: float | None = None) -> Episode:
+    def episode(self, max_contexts: int, copy_fraction: float | None = None, wrap_fraction: float | None = None
+                ) -> Episode:  # fmt: skip
         document = self.document()
         qa = self.rng.choice(document.qa)
         copy = self._copy(copy_fraction)
         num_contexts = self.rng.randint(1, max_contexts)
         where = self.rng.randrange(num_contexts)
         contexts = [self.distractor() for _ in range(num_contexts - 1)]
-        contexts.insert(where, _ids(self.tokenizer, document.text))
+        written = self._written(document.text, wrap_fraction)
+        contexts.insert(where, _ids(self.tokenizer, written))
         if copy:
             target = torch.cat([_ids(self.tokenizer, document.text), torch.tensor([self.tokenizer.eos_token_id])])
             return Episode(contexts, target, target.clone(), answer_context=where, meta={"relation": "copy"})
         target, labels = self.qa_target(qa)
         return Episode(contexts, target, labels, answer_context=where, meta={"relation": qa.relation},
-                       teacher=self.teacher_ids(qa, document.text))  # fmt: skip
+                       teacher=self.teacher_ids(qa, written))  # fmt: skip
+
+    def _written(self, text: str, wrap_fraction: float | None = None) -> str:
+        """What is written for a fact document: itself, or with probability `wrap_fraction` (default:
+        the task's) the document inside a chat exchange or prose (`WriteWrapper`)."""
+        share = self.wrap_fraction if wrap_fraction is None else wrap_fraction
+        return self.wrapper.wrap(text) if share and self.rng.random() < share else text
 
     def unrelated_episode(self) -> Episode:
         """A fact document written, then a target it does not answer, read through memory: half the
@@ -146,7 +161,8 @@ class FactTask:
 
     def state_dict(self) -> dict:
         return {"facts": self.facts.state_dict(), "notes": self.notes.state_dict(), "filler": self.filler.state_dict(),
-                "rng": self.rng.getstate(), "general": self.general.state_dict()}  # fmt: skip
+                "rng": self.rng.getstate(), "general": self.general.state_dict(),
+                "wrapper": self.wrapper.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.facts.load_state_dict(state["facts"])
@@ -156,6 +172,8 @@ class FactTask:
         self.rng.setstate(state["rng"])
         if "general" in state:  # checkpoints from before unrelated episodes existed
             self.general.load_state_dict(state["general"])
+        if "wrapper" in state:  # checkpoints from before wrapped writes existed
+            self.wrapper.load_state_dict(state["wrapper"])
 
 
 class BaseReplies:

@@ -53,6 +53,9 @@ class Stage:
     # probability that an episode's write does not answer its target (FactTask.unrelated_episode): a
     # general prompt answered as the base model answers it, or English text, read through memory
     unrelated: float = 0.0
+    # for tasks that wrap documents (FactTask): the share of fact documents written inside a chat
+    # exchange or prose, as real writes hold them (None: the task's)
+    wrapped: float | None = None
 
 
 @dataclass
@@ -174,6 +177,7 @@ class Trainer:
         """A fresh episode from the task, an in-context one, or (retention) an earlier target after unrelated writes."""
         # Only stages that set copy_fraction pass it on, so tasks without copy targets need not take it.
         options = {} if stage.copy_fraction is None else {"copy_fraction": stage.copy_fraction}
+        wrapping = {} if stage.wrapped is None else {"wrap_fraction": stage.wrapped}
         if stage.in_context and self.rng.random() < stage.in_context:
             return self.task.in_context_episode(**options)
         if stage.unrelated and self.rng.random() < stage.unrelated:
@@ -182,7 +186,7 @@ class Trainer:
             episode = self.retention_episode(i, stage)
             if episode is not None:
                 return episode
-        return self.task.episode(stage.max_contexts, **options)
+        return self.task.episode(stage.max_contexts, **options, **wrapping)
 
     def retention_episode(self, i: int, stage: Stage) -> Episode | None:
         """Re-ask a target written `stage.retention_depth` writes back (counting this episode's
