@@ -193,3 +193,15 @@ def test_a_chat_ranks_memory_by_the_message_asked_not_the_window(monkeypatch):
     session.send("Hello there")
     session.send("Where is the key?")
     assert seen["ranking_ids"] == tokenizer("Where is the key?", add_special_tokens=False).input_ids
+
+
+def test_the_cli_and_the_chat_evaluation_default_to_the_sessions_window():
+    import inspect
+
+    from latentmem import chat, cli
+    from latentmem.evaluation import chat_stream
+
+    assert ChatSession.window_tokens == chat.DEFAULT_WINDOW_TOKENS == 256
+    assert inspect.signature(cli.chat).parameters["window"].default.default == chat.DEFAULT_WINDOW_TOKENS
+    assert inspect.signature(cli.eval_chat).parameters["window"].default.default == chat.DEFAULT_WINDOW_TOKENS
+    assert inspect.signature(chat_stream.run_chat).parameters["window_tokens"].default == chat.DEFAULT_WINDOW_TOKENS

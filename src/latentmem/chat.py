@@ -30,6 +30,12 @@ from .segments import text_chunks
 ROLE_TAGS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
+# A memory model reads a fact worse behind a long window: with 1,024 tokens of recent turns in the
+# prompt the shipped model answered 10 of 40 facts told ~80 turns earlier, with 256 tokens 25 of 40
+# (`latentmem eval chat`, docs/experiments.md). What leaves the window is still in memory.
+DEFAULT_WINDOW_TOKENS = 256
+
+
 @dataclass
 class Turn:
     role: str
@@ -241,7 +247,7 @@ class ChatSession:
     tokenizer: object
     memory: MemoryState
     memory_path: Path | None = None
-    window_tokens: int = 1024
+    window_tokens: int = DEFAULT_WINDOW_TOKENS
     min_chunk_tokens: int | None = None
     max_chunk_tokens: int | None = None
     max_new_tokens: int = 128

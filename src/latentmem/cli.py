@@ -105,7 +105,8 @@ def chat(
     model_path: str = MODEL,
     memory: Path = MEMORY_FILE,
     window: int = typer.Option(
-        1024, min=1, help="Tokens of recent turns kept in the prompt; older turns go to memory."
+        256, min=1, help="Tokens of recent turns kept in the prompt; older turns go to memory (which a long "
+        "window makes harder to read)."
     ),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
@@ -531,7 +532,7 @@ def eval_chat(
     dataset: str = typer.Option("notes", help="synthetic or notes: the facts the user tells in the first turns."),
     facts: int = typer.Option(20, min=1, help="Facts told one per turn at the start; each is asked at the end."),
     turns: int = typer.Option(60, min=0, help="Turns of other conversation between the facts and the questions."),
-    window: int = typer.Option(1024, min=1, help="Tokens of recent turns kept in the prompt (as `latentmem chat --window`)."),
+    window: int = typer.Option(256, min=1, help="Tokens of recent turns kept in the prompt (as `latentmem chat --window`)."),
     replies: str = typer.Option("ack", help="The assistant's turns before the questions: ack (a fixed acknowledgement, cheap; default) or generate (each method's own replies)."),
     reply_tokens: int = typer.Option(24, min=1, help="Length of a generated reply (--replies generate)."),
     buckets: str = typer.Option("20,40,60,80,100,150", help="Report accuracy by turns since the fact, up to each of these."),

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..chat import ChatSession, Turn, role_tagged
+from ..chat import DEFAULT_WINDOW_TOKENS, ChatSession, Turn, role_tagged
 from .long_stream import bucket_of
 from .methods import LM, Answer, Embedder, RAGMethod
 from .protocol import PeakMemory, RetentionResult, Sample, answer_record
@@ -113,7 +113,7 @@ class ChatMethod:
 
     name = "chat"
 
-    def __init__(self, model, tokenizer, window_tokens: int = 1024, name: str | None = None):
+    def __init__(self, model, tokenizer, window_tokens: int = DEFAULT_WINDOW_TOKENS, name: str | None = None):
         self.model, self.tokenizer, self.window_tokens = model, tokenizer, window_tokens
         self.name = name or self.name
         self.session: ChatSession | None = None
@@ -157,7 +157,8 @@ class ReplayChat(ChatMethod):
 
     name = "replay"
 
-    def __init__(self, model, tokenizer, window_tokens: int = 1024, name: str | None = None, max_new_tokens: int = 40):
+    def __init__(self, model, tokenizer, window_tokens: int = DEFAULT_WINDOW_TOKENS, name: str | None = None,
+                 max_new_tokens: int = 40):  # fmt: skip
         super().__init__(model, tokenizer, window_tokens, name)
         self.window_tokens = max(window_tokens, LM(model, tokenizer, max_new_tokens=max_new_tokens).window)
 
@@ -168,7 +169,7 @@ class RAGChat(ChatMethod):
 
     name = "rag"
 
-    def __init__(self, model, tokenizer, window_tokens: int = 1024, name: str | None = None,
+    def __init__(self, model, tokenizer, window_tokens: int = DEFAULT_WINDOW_TOKENS, name: str | None = None,
                  embedder: Embedder | None = None, top_k: int = 3):  # fmt: skip
         super().__init__(model, tokenizer, window_tokens, name)
         import faiss  # noqa: F401  (the eval extra: fail here, before any method runs)
@@ -301,7 +302,7 @@ def run_chat(
     turns: int = 60,
     out_dir: str | Path | None = None,
     *,
-    window_tokens: int = 1024,
+    window_tokens: int = DEFAULT_WINDOW_TOKENS,
     dataset: str = "notes",
     replies: str = "ack",
     buckets: Sequence[int] = DEFAULT_BUCKETS,
