@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from latentmem.chat import memory_ids
 from latentmem.data.filler import FillerStream, filler_paragraphs
 from latentmem.data.notes import NoteGenerator
 from latentmem.data.synthetic import FactGenerator
 from latentmem.modeling import MemoryLLM
 from latentmem.models import load_model
+from latentmem.segments import text_chunks
 from latentmem.training.tasks import qa_ids
 
 
@@ -55,6 +57,14 @@ def answers_exactly(model, memory, prompt: torch.Tensor, answer: torch.Tensor, w
     return bool((logits[0, start : start + answer.numel() - 1].argmax(-1) == answer[:-1]).all())
 
 
+def write_text(model, tokenizer, memory, text: str, max_write_tokens: int | None) -> list[int]:
+    """Write `text` (one write, or cut by `segments.text_chunks`); returns the injection ids."""
+    if not max_write_tokens:
+        return [model.inject(memory, text=text, tokenizer=tokenizer, allow_short=True).injection_id]
+    chunks = text_chunks(lambda part: memory_ids(tokenizer, part), text, max_write_tokens, 8)
+    return [model.inject(memory, input_ids=torch.tensor(c), allow_short=True).injection_id for c in chunks]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-mplus")
@@ -68,6 +78,9 @@ def main() -> None:
     parser.add_argument("--forgetting", choices=["random", "oldest"], help="which slots a write drops (default: the model's)")
     parser.add_argument("--num-blocks", type=int, help="short-term pool of this many blocks of K slots (no weight depends on it)")
     parser.add_argument("--chunk-size", type=int, help="write texts in chunks of at most this many tokens")
+    parser.add_argument("--max-write-tokens", type=int,
+                        help="write texts cut at line and sentence ends into writes of at most this many tokens "
+                             "(segments.text_chunks, as the chat loop cuts them)")  # fmt: skip
     parser.add_argument("--adapter", type=Path, help="read with this memory adapter's weights (a folder, as saved by training)")
     parser.add_argument("--seed", type=int, default=90000)
     parser.add_argument("--out", type=Path, help="write the records and the table here (json)")
@@ -113,20 +126,20 @@ def main() -> None:
     injection_of, ranked_first = {}, dict.fromkeys(checkpoints, 0)
     for write in range(length):
         text = facts[fact_at[write]][0].text if write in fact_at else filler.passage(20, 45)
-        written = model.inject(memory, text=text, tokenizer=tokenizer, allow_short=True)
+        ids = write_text(model, tokenizer, memory, text, args.max_write_tokens)
         if write in fact_at:
-            injection_of[fact_at[write]] = written.injection_id
+            injection_of[fact_at[write]] = ids
         for i, n in due.get(write, []):
             prompt, answer = qa_ids(tokenizer, facts[i][1])
             row = {"fact": i, "after": n, "question": facts[i][1].question, "answer": facts[i][1].answer}
             if focusing:  # does the ranking a focused read uses put the fact's write first?
                 ranked = model.rank_writes_for(memory, prompt)
-                row["ranked_first"] = len(ranked) > 0 and int(ranked[0]) == injection_of[i]
+                row["ranked_first"] = len(ranked) > 0 and int(ranked[0]) in injection_of[i]
                 ranked_first[n] += row["ranked_first"]
             for way in ways:
                 if way == "alone":
                     alone = model.new_memory(args.seed)
-                    model.inject(alone, text=facts[i][0].text, tokenizer=tokenizer, allow_short=True)
+                    write_text(model, tokenizer, alone, facts[i][0].text, args.max_write_tokens)
                     row[way] = answers_exactly(model, alone, prompt, answer, "focused1")
                 else:
                     row[way] = answers_exactly(model, memory, prompt, answer, way)

@@ -107,6 +107,17 @@ def test_stream_retention_scores_focused_reads_as_greedy_decoding_answers(tmp_pa
             assert row["focused1"] == row["alone"], row
 
 
+def test_stream_retention_writes_a_text_whole_or_cut_at_sentence_ends():
+    stream = load_script("stream_retention")
+    model, tokenizer = load_model("tiny")
+    text = "My cat is called Pickle. The spare key is under the blue flowerpot. The wifi password is 7431."
+    memory = model.new_memory(0)
+    assert len(stream.write_text(model, tokenizer, memory, text, None)) == 1
+    cut = stream.write_text(model, tokenizer, memory, text, 24)
+    assert len(cut) > 1 and memory.write_count == 1 + len(cut)
+    assert all(memory.injections[i].tokens <= 24 for i in cut)
+
+
 def test_plot_curves_draws_training_legs_and_stream_retention(tmp_path, monkeypatch):
     import json
     import sys
