@@ -111,6 +111,16 @@ def test_a_prompt_sharing_no_token_with_any_write_reads_as_the_base_model_and_ge
     torch.testing.assert_close(batch[:1], MemoryLLM.forward(model, unseen[None], memory=pool).logits)
 
 
+def test_a_generation_ranks_each_prompt_once_and_its_decode_steps_not_again(monkeypatch):
+    model, state, contexts = _written()
+    prompts = torch.stack([_rare_tokens(contexts, w)[:2] for w in sorted(contexts)[-2:]])
+    ranked = []
+    rank = model.rank_writes_for
+    monkeypatch.setattr(model, "rank_writes_for", lambda memory, ids: ranked.append(ids) or rank(memory, ids))
+    model.generate(prompts, memory=state, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert [ids.tolist() for ids in ranked] == prompts.tolist()
+
+
 def test_a_prompt_sharing_only_skipped_tokens_reads_as_the_base_model():
     model, state, contexts = _written()
     rare = _rare_tokens(contexts, max(contexts))

@@ -65,8 +65,11 @@ def write_slots(state: MemoryState, layer: int, write: int) -> torch.Tensor:
     return torch.cat([long_term, short_term])
 
 
-def focused_pool(model: "MemoryLLM", state: MemoryState, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool `[L, n*K, d]`, sources `[L, n*K]`) a focused read of `prompt_ids [n]` attends to.
+def focused_pool(
+    model: "MemoryLLM", state: MemoryState, prompt_ids: torch.Tensor | None = None, *, ranked=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool `[L, n*K, d]`, sources `[L, n*K]`) a focused read of `prompt_ids [n]` attends to
+    (`ranked`: the writes `model.rank_writes_for(state, prompt_ids)` gives, when already ranked).
 
     Per layer: the K slots of each of the n = `focused_writes` best-ranked writes that hold any
     there, once each, the best last (nearest the prompt). That is the layout the adapters are
@@ -76,7 +79,9 @@ def focused_pool(model: "MemoryLLM", state: MemoryState, prompt_ids: torch.Tenso
     prompt that shares no rare token with any write (in a batch with prompts that do: a batch of
     such prompts alone is read by the base model), reads the pool's newest n*K slots.
     """
-    ranked = list(model.rank_writes_for(state, prompt_ids))[:MAX_TRIED]
+    if ranked is None:
+        ranked = model.rank_writes_for(state, prompt_ids)
+    ranked = list(ranked)[:MAX_TRIED]
     wanted, per_write = model.config.focused_writes, model.config.num_tokens
     size = wanted * per_write
     pools, sources = [], []

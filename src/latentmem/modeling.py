@@ -364,8 +364,12 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.check_state(memory)
         if input_ids is None:
             raise ValueError("focused reads rank writes by the prompt's tokens: pass input_ids (not inputs_embeds)")
-        rows = _ranked_rows(input_ids, attention_mask, ranking_ids)
-        if self._prompt_reads_as_base(memory, cache, rows):
+        fresh = cache is None or cache.get_seq_length() == 0
+        # The first pass ranks each row's writes once; a batch in which no row ranks any write reads
+        # as the base model, and so do later steps continuing the cache it filled.
+        rows = _ranked_rows(input_ids, attention_mask, ranking_ids) if fresh else []
+        ranked = [self.rank_writes_for(memory, ids) for ids in rows]
+        if all(len(writes) == 0 for writes in ranked) if fresh else getattr(cache, "reads_as_base", False):
             out = self._base_forward(input_ids, None, attention_mask, position_ids, cache, labels, use_cache,
                                      logits_to_keep, previous_token_ids, **kwargs)  # fmt: skip
             if out.cache is not None:
@@ -373,10 +377,10 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             return out
         prefix_length = self.read_prefix_length(memory)
         start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
-        if cache is None or cache.get_seq_length() == 0:
+        if fresh:
             cache = DynamicCache(config=self.backbone.config)
             with self.adapters.use("read"):
-                pools = [focused_pool(self, memory, ids) for ids in rows]
+                pools = [focused_pool(self, memory, ranked=writes) for writes in ranked]
                 prefixes = [compute_memory_prefix(self, pool, sources=sources) for pool, sources in pools]
             for i in range(memory.num_layers):  # one cache row per prompt, each with its own prefix
                 keys, values = zip(*(prefix.layer(i) for prefix in prefixes))
@@ -386,14 +390,6 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             prefix_length, cache, input_ids, attention_mask, position_ids, use_cache, prompt_start=start,
             labels=labels, logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip
-
-    def _prompt_reads_as_base(self, memory: MemoryState, cache, rows: list[torch.Tensor]) -> bool:
-        """A focused read goes to the base model when no row of the batch shares a ranked token with
-        any write (`reads_without_memory`; `rows`: each row's ranking ids); a cache it filled says so
-        for later steps."""
-        if cache is not None and cache.get_seq_length() > 0:
-            return bool(getattr(cache, "reads_as_base", False))
-        return all(self.reads_without_memory(memory, row) for row in rows)
 
     def _base_forward(
         self, input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache, logits_to_keep,

@@ -243,11 +243,12 @@ class ChatBatcher(_Scheduler):
             alone, packed = [], []
             for row in joining:  # a request that cannot start fails alone
                 try:
-                    if _retrieves(model, row.state) and not model.reads_without_memory(row.state, row.ranked_by):
+                    base = model.reads_without_memory(row.state, row.ranked_by)
+                    if _retrieves(model, row.state) and not base:
                         self._advance(row, self._prefill_alone(row))
                         alone.append(row)
                     else:
-                        self._seed(row)
+                        self._seed(row, base)
                         packed.append(row)
                 except Exception as err:  # noqa: BLE001
                     self._finish(row, error=err)
@@ -270,12 +271,12 @@ class ChatBatcher(_Scheduler):
                 going_on.append(row)
         return going_on
 
-    def _seed(self, row: ChatRow) -> None:
+    def _seed(self, row: ChatRow, base: bool) -> None:
         """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt
-        position. A focused model reading nothing (an empty memory, or no write sharing a token with
-        the prompt) has no prefix: the row decodes as the base model."""
+        position. A row that reads nothing (`base`: a focused model's empty memory, or no write
+        sharing a token with the prompt) has no prefix: it decodes as the base model."""
         row.cache = DynamicCache(config=self.model.backbone.config)
-        if self.model.reads_without_memory(row.state, row.ranked_by):
+        if base:
             row.role, row.position = "base", 0
             return
         prefix = self.model.memory_prefix(row.state)
