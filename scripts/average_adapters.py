@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-FILE = "memory_adapter.safetensors"
+from latentmem.presets.adapter import ADAPTER_FILE
 
 
 def average(folders: list[Path], out: Path, weights: list[float] | None = None) -> Path:
@@ -22,16 +22,16 @@ def average(folders: list[Path], out: Path, weights: list[float] | None = None) 
     weights = weights or [1.0 / len(folders)] * len(folders)
     if len(weights) != len(folders) or abs(sum(weights) - 1.0) > 1e-6:
         raise ValueError(f"need one weight per adapter, summing to 1; got {weights}")
-    tensors = [load_file(folder / FILE) for folder in folders]
+    tensors = [load_file(folder / ADAPTER_FILE) for folder in folders]
     names = set(tensors[0])
     if any(set(t) != names for t in tensors[1:]):
         raise ValueError("the adapters hold different tensors: not one model's adapters")
-    with safe_open(folders[-1] / FILE, "pt") as f:
+    with safe_open(folders[-1] / ADAPTER_FILE, "pt") as f:
         header = f.metadata()
     mean = {name: sum(w * t[name].float() for w, t in zip(weights, tensors)).to(tensors[0][name].dtype) for name in names}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(mean, out / FILE, metadata=header)
-    return out / FILE
+    save_file(mean, out / ADAPTER_FILE, metadata=header)
+    return out / ADAPTER_FILE
 
 
 def main() -> None:

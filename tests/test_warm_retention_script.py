@@ -160,7 +160,7 @@ def test_average_adapters_writes_the_weighted_mean_with_the_last_header(tmp_path
     first, second = tmp_path / "a", tmp_path / "b"
     for folder, value, layout in ((first, 1.0, "pool"), (second, 3.0, "per_write")):
         folder.mkdir()
-        save_file({"w": torch.full((2, 3), value), "v": torch.full((4,), -value)}, folder / script.FILE,
+        save_file({"w": torch.full((2, 3), value), "v": torch.full((4,), -value)}, folder / script.ADAPTER_FILE,
                   metadata={"memory_positions": layout})  # fmt: skip
     out = script.average([first, second], tmp_path / "mean")
     mean = load_file(out)

@@ -242,10 +242,10 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
     def skip_in_ranking(self, token_ids) -> None:
         """Never rank writes by these prompt tokens: the chat template's own text and question words
-        (`load_model` passes `models.ranking_stop_tokens(tokenizer)`). SmolLM2's system prompt ("... named SmolLM, trained by
-        Hugging Face") is in every prompt, and its pieces (" H", "ol") are rare among writes: the
-        one write holding them ("... I started Honaiazol.") was ranked first for questions about
-        anything (measured: docs/experiments.md)."""
+        (`load_model` passes `models.ranking_stop_tokens(tokenizer)`). SmolLM2's system prompt ("...
+        named SmolLM, trained by Hugging Face") is in every prompt, and its pieces (" H", "ol") are
+        rare among writes: the one write holding them ("... I started Honaiazol.") was ranked first
+        for questions about anything (measured: docs/experiments.md)."""
         self._ranking_skip = torch.as_tensor(sorted({int(t) for t in token_ids}), dtype=torch.long)
 
     def ranking_tokens(self, prompt_ids: torch.Tensor) -> torch.Tensor:

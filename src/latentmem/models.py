@@ -50,15 +50,13 @@ def load_model(
 ) -> tuple[MemoryLLM, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a local folder, a shipped preset's name ("tiny"), or `None`: `default_model()`."""
     if path is not None and not _is_shipped_preset(path):
-        return _load_folder(Path(path).expanduser(), dtype, device)
-    if path is None:
-        model, tokenizer = default_model()
+        model, tokenizer = _load_folder(Path(path).expanduser(), dtype, device)
     else:
         from .presets import load_preset
 
-        model, tokenizer = load_preset(str(path))
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model, tokenizer = default_model() if path is None else load_preset(str(path))
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model.skip_in_ranking(ranking_stop_tokens(tokenizer))
     return model, tokenizer
 
@@ -111,7 +109,6 @@ def _load_folder(folder: Path, dtype, device) -> tuple[MemoryLLM, PreTrainedToke
         raise FileNotFoundError(f"{folder} has no usable tokenizer files ({err})") from err
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    model.skip_in_ranking(ranking_stop_tokens(tokenizer))
     return model.eval(), tokenizer
 
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+import torch
+
+from .writing import split_into_chunks
+
 # A sentence ends at . ! or ? (and closing quotes or brackets) before whitespace; a line at a newline.
 _SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+|\n\s*")
 
@@ -101,8 +105,5 @@ def join_short(chunks: list[list[int]], max_tokens: int, min_tokens: int) -> lis
 
 
 def even_split(ids: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """The fewest near-equal pieces of at most `max_tokens` (as `writing.split_into_chunks`)."""
-    count = max(1, -(-len(ids) // max_tokens))
-    sizes = [len(ids) // count + (1 if i < len(ids) % count else 0) for i in range(count)]
-    starts = [sum(sizes[:i]) for i in range(count)]
-    return [list(ids[s : s + n]) for s, n in zip(starts, sizes)]
+    """The fewest near-equal pieces of at most `max_tokens` (`writing.split_into_chunks`, on lists)."""
+    return [piece.tolist() for piece in split_into_chunks(torch.tensor(list(ids), dtype=torch.long), max_tokens)]
