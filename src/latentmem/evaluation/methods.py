@@ -12,7 +12,6 @@ retrieved chunks) where that model reads context best (`data.synthetic.context_p
 
 from __future__ import annotations
 
-import copy
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -88,19 +87,19 @@ class LM:
         return self.decode(out[0, ids.shape[1] :].tolist())
 
     def _cache_for(self, token_ids: list[int]):
-        """A cache holding the prompt's first tokens where they are the previous prompt's (a copy, cut to
-        the shared part: generation extends it), else an empty one."""
+        """The previous prompt's cache cut to the tokens this prompt shares with it, else an empty one.
+        Taken, not copied: generation extends it, and `generate` keeps it for the next prompt."""
         from transformers import DynamicCache
 
-        shared = 0
-        if self._prefix is not None:
-            previous = self._prefix[0]
-            limit = min(len(previous), len(token_ids) - 1)  # leave one token to run: generate needs its logits
-            while shared < limit and previous[shared] == token_ids[shared]:
+        shared, previous = 0, self._prefix
+        self._prefix = None  # in use (a failed generation leaves nothing half-extended behind)
+        if previous is not None:
+            limit = min(len(previous[0]), len(token_ids) - 1)  # leave one token to run: generate needs its logits
+            while shared < limit and previous[0][shared] == token_ids[shared]:
                 shared += 1
         if shared < MIN_SHARED_PREFIX:
             return DynamicCache(config=getattr(self.model.config, "backbone_config", None) or self.model.config)
-        return _cut(copy.deepcopy(self._prefix[1]), shared)
+        return _cut(previous[1], shared)
 
 
 def _cut(cache, length: int):
