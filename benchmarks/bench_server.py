@@ -8,14 +8,16 @@ Starts the server as its own process on a loopback port (the tiny preset unless 
   4. one long inject (--long-repeats copies of the text, many chunks) and another session's chat
      sent while it runs: the chat's latency against an idle chat's (the inject hands the model
      back between chunks, so the chat should not wait for the whole inject).
-Prints requests/s and p50/p95 latency per endpoint, with ratios to the baselines. `--batching
-compare` runs everything twice, against a server without batching (`serve --no-batching`: every
-request its own model calls) and one with it (the default: chats of all sessions as one
-continuously batched generation, writes batched per chunk), and prints after/before ratios
-measured in the same run.
+Prints requests/s, p50/p95 latency per endpoint and the server's CPU seconds per request (and
+cores kept busy), with ratios to the baselines. `--servers
+compare` runs everything twice, against the server as issue 20 found it (`serve --no-batching
+--no-journal`: every request its own model calls, every write rewriting its session's file) and the
+default one (chats of all sessions as one continuously batched generation, writes batched per chunk,
+each write appended to its session's journal), and prints after/before ratios measured in the same
+run; `--servers batching` compares `--no-batching` with the default, both journaled.
 
     python benchmarks/bench_server.py --clients 20 --rounds 10
-    python benchmarks/bench_server.py --model smollm2-135m --clients 20 --rounds 3 --batching compare
+    python benchmarks/bench_server.py --model smollm2-135m --clients 20 --rounds 10 --servers compare
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ TEXT = (
 QUESTION = "Where does Ada keep the spare key?"
 
 
-def start_server(args, data_dir: str, batching: bool = True) -> tuple[subprocess.Popen, str]:
+# The servers `--servers` runs, by name: their `serve` flags.
+SERVERS = {"before": ["--no-batching", "--no-journal"], "unbatched": ["--no-batching"], "default": []}
+RUNS = {"default": ["default"], "before": ["before"], "compare": ["before", "default"],
+        "batching": ["unbatched", "default"]}  # fmt: skip
+
+
+def start_server(args, data_dir: str, flags: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,7 +56,7 @@ def start_server(args, data_dir: str, batching: bool = True) -> tuple[subprocess
     command = [sys.executable, "-c", "from latentmem.cli import app; app()", "serve", "--data-dir", data_dir,
                "--port", str(port), "--threads", str(args.threads), "--parallel", str(args.parallel)]  # fmt: skip
     command += ["--model", args.model] if args.model else []
-    command += [] if batching else ["--no-batching"]
+    command += flags
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
@@ -84,8 +92,18 @@ def served_model(url: str) -> str:
     return httpx.get(url + "/health").json()["model"]  # the server refuses other names (404)
 
 
-def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool) -> tuple[dict, float]:
-    timings: dict[str, list[float]] = {"inject": [], "chat": [], "tokens": []}
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far; NaN where /proc is not there."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool, pid: int) -> tuple[dict, float]:
+    timings: dict[str, list[float]] = {"inject": [], "chat": [], "tokens": [], "cpu": []}
+    cpu = cpu_seconds(pid)
     threads = [
         threading.Thread(target=client_run, args=(url, "shared" if shared else f"c{i}", rounds, max_tokens, timings))
         for i in range(clients)
@@ -93,6 +111,7 @@ def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool) -> 
     start = time.perf_counter()
     [t.start() for t in threads]
     [t.join() for t in threads]
+    timings["cpu"].append(cpu_seconds(pid) - cpu)  # the server's CPU seconds for the whole load
     return timings, time.perf_counter() - start
 
 
@@ -153,49 +172,50 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def serve_and_load(args, modes: list[bool]) -> dict[bool, tuple[str, dict, dict, float, float]]:
-    """Start a server per mode (with or without batching) and run every load against each in turn.
+def serve_and_load(args, names: list[str]) -> dict[str, tuple[str, dict, dict, float, float]]:
+    """Start each named server (`SERVERS`) and run every load against each in turn.
 
-    With both modes, each load runs against one server and then the other before the next load, so
-    a change in what else the machine runs affects both alike.
+    With two servers, each load runs against one and then the other before the next load, so a
+    change in what else the machine runs affects both alike.
     """
-    dirs = [tempfile.TemporaryDirectory() for _ in modes]
+    dirs = [tempfile.TemporaryDirectory() for _ in names]
     servers = {}
     try:
-        for batching, data_dir in zip(modes, dirs):
-            servers[batching] = start_server(args, data_dir.name, batching)
-        urls = {batching: url for batching, (_, url) in servers.items()}
-        model = served_model(urls[modes[0]])
+        for name, data_dir in zip(names, dirs):
+            servers[name] = start_server(args, data_dir.name, SERVERS[name])
+        urls = {name: url for name, (_, url) in servers.items()}
+        model = served_model(urls[names[0]])
         for url in urls.values():
-            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": [], "tokens": []})
+            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": [], "tokens": [], "cpu": []})
         specs = [("1 client", 1, False), (f"{args.clients} clients, own sessions", args.clients, False),
                  (f"{args.clients} clients, one session", args.clients, True)]  # fmt: skip
-        runs: dict[bool, dict] = {batching: {} for batching in modes}
-        for name, clients, shared in specs:
-            for batching in modes:
-                runs[batching][name] = load(urls[batching], clients, args.rounds, args.max_tokens, shared)
-        longs = {batching: chat_during_long_inject(urls[batching], args.long_repeats, args.max_tokens)
-                 for batching in modes}  # fmt: skip
+        runs: dict[str, dict] = {name: {} for name in names}
+        for run, clients, shared in specs:
+            for name in names:
+                runs[name][run] = load(urls[name], clients, args.rounds, args.max_tokens, shared, servers[name][0].pid)
+        longs = {name: chat_during_long_inject(urls[name], args.long_repeats, args.max_tokens) for name in names}
     finally:
         for process, _ in servers.values():
             process.terminate()
             process.wait(60)
         for data_dir in dirs:
             data_dir.cleanup()
-    return {batching: (model, runs[batching], *longs[batching]) for batching in modes}
+    return {name: (model, runs[name], *longs[name]) for name in names}
 
 
-def report(args, base: dict, mode: str, results) -> None:
+def report(args, base: dict, name: str, results) -> None:
     model, runs, long, long_seconds, chat_seconds = results
-    print(f"\n[{mode}] model {model}; server: 1 process, {args.parallel} model calls at once, {args.threads} torch "
-          f"thread(s) each, {os.cpu_count()} CPUs; "
+    flags = " ".join(SERVERS[name]) or "(defaults)"
+    print(f"\n[{name}: serve {flags}] model {model}; server: 1 process, {args.parallel} model calls at once, "
+          f"{args.threads} torch thread(s) each, {os.cpu_count()} CPUs; "
           f"chat = {args.max_tokens} greedy tokens, inject = {len(TEXT)}-character text + atomic save")  # fmt: skip
     print(f"in-process baseline (no HTTP, no locks): inject {base['inject'] * 1e3:.1f} ms, "
           f"chat {base['chat'] * 1e3:.1f} ms")  # fmt: skip
     print(f"{'run':<28} {'requests/s':>10} {'x 1 client':>10}   {'inject p50/p95 ms':>17} "
-          f"{'chat p50/p95 ms':>17} {'chat p50 / direct':>18} {'tokens/chat':>11}")  # fmt: skip
+          f"{'chat p50/p95 ms':>17} {'chat p50 / direct':>18} {'tokens/chat':>11} {'CPU s/request':>13} "
+          f"{'cores busy':>10}")  # fmt: skip
     single = None
-    for name, (timings, seconds) in runs.items():
+    for run, (timings, seconds) in runs.items():
         rate = requests(timings) / seconds
         single = single or rate
         inject, chat = (
@@ -203,7 +223,9 @@ def report(args, base: dict, mode: str, results) -> None:
         )
         ratio = pct(timings["chat"], 0.5) / base["chat"]
         tokens = sum(timings["tokens"]) / max(1, len(timings["tokens"]))
-        print(f"{name:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x {tokens:>11.1f}")
+        cpu = timings["cpu"][0]
+        print(f"{run:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x {tokens:>11.1f} "
+              f"{cpu / requests(timings):>13.3f} {cpu / seconds:>10.2f}")  # fmt: skip
     idle = pct(runs["1 client"][0]["chat"], 0.5)
     print(
         f"long inject ({long.get('tokens')} tokens, {long.get('chunks')} chunks) took {long_seconds:.2f} s; another "
@@ -211,9 +233,9 @@ def report(args, base: dict, mode: str, results) -> None:
     )
 
 
-def compare(before, after) -> None:
-    """After/before ratios of the batched server against the unbatched one, run by run."""
-    print("\nbatched / unbatched (same run):")
+def compare(names: list[str], before, after) -> None:
+    """After/before ratios of the second server against the first, run by run."""
+    print(f"\n{names[1]} / {names[0]} (same run):")
     print(f"{'run':<28} {'requests/s':>10} {'chat p50':>9} {'chat p95':>9} {'inject p50':>11} {'inject p95':>11}")
     for name in before[1]:
         (t0, s0), (t1, s1) = before[1][name], after[1][name]
@@ -233,18 +255,19 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="model calls the server runs at once")
     parser.add_argument("--long-repeats", type=int, default=100, help="copies of the text in the long inject")
     parser.add_argument("--question", default=QUESTION, help="what every chat request asks")
-    parser.add_argument("--batching", choices=("on", "off", "compare"), default="on",
-                        help="serve with batching (the default), without (--no-batching), or both in turn")  # fmt: skip
+    parser.add_argument("--servers", choices=tuple(RUNS), default="default",
+                        help="the default server, the one issue 20 found (before), both in turn (compare), or "
+                        "the default against --no-batching (batching)")  # fmt: skip
     args = parser.parse_args()
     QUESTION = args.question
 
     base = in_process_baseline(args)
-    modes = {"on": [True], "off": [False], "compare": [False, True]}[args.batching]
-    results = serve_and_load(args, modes)
-    for batching, result in results.items():
-        report(args, base, "batched" if batching else "unbatched", result)
+    names = RUNS[args.servers]
+    results = serve_and_load(args, names)
+    for name, result in results.items():
+        report(args, base, name, result)
     if len(results) == 2:
-        compare(results[False], results[True])
+        compare(names, *results.values())
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["Where is the key?", "What is Ada's locker code, please?", "Hi"]
 
 
-def tiny(memory_positions: str = "pool", token_shift: bool = False) -> tuple[MemoryLLM, object]:
+def tiny(memory_positions: str = "pool", token_shift: bool = False, **memory) -> tuple[MemoryLLM, object]:
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     config = MemoryLLMConfig(
         backbone_config=backbone_config("llama", vocab_size=len(tokenizer)), num_tokens=4, num_blocks=3, lora=LORA,
-        memory_positions=memory_positions, token_shift=token_shift,
+        memory_positions=memory_positions, token_shift=token_shift, **memory,
     )  # fmt: skip
     model = MemoryLLM(config).eval()
     randomize_lora(model, 0)
@@ -81,6 +81,37 @@ def test_a_batch_of_three_users_generates_what_each_generates_alone(memory_posit
         assert (reply.text, reply.completion_tokens, reply.finish_reason) == (
             single.text, single.completion_tokens, single.finish_reason,
         )  # fmt: skip
+
+
+def batched(model, tokenizer, states, prompts, n: int) -> tuple[list, ChatBatcher, list]:
+    """(rows, batcher, the rows it prefilled alone through the model's own forward) of one batch of
+    requests submitted at once, run to the end."""
+    batcher = ChatBatcher(model, tokenizer)
+    prefilled_alone, real = [], batcher._prefill_alone
+    batcher._prefill_alone = lambda row: prefilled_alone.append(row) or real(row)
+    rows = [batcher.submit(s, p, max_new_tokens=n) for s, p in zip(states, prompts)]
+    [batcher.wait(row) for row in rows]
+    batcher.close()
+    return rows, batcher, prefilled_alone
+
+
+@pytest.mark.parametrize("isolated_writes", [False, True], ids=["pool-writes", "isolated-writes"])
+def test_focused_reads_prefill_in_the_packed_step_and_generate_what_each_generates_alone(isolated_writes):
+    model, tokenizer = tiny(focused_writes=1, isolated_writes=isolated_writes, forgetting="oldest")
+    states = [model.new_memory(seed=s) for s in range(3)]
+    notes = [[], ["Ada keeps the spare key under the blue stone."],
+             ["Bo likes tea.", "Ada's locker code is 4711.", "Cy sails on Sundays."]]  # fmt: skip
+    for state, texts in zip(states, notes):
+        for text in texts:
+            model.inject(state, input_ids=torch.tensor(ids(tokenizer, text)), allow_short=True)
+    prompts = [ids(tokenizer, p) for p in ("Where is the key?", "Where does Ada keep the key?", "Ada's code?")]
+    # an empty memory reads as the base model; the written ones rank a write for their prompt
+    assert [model.reads_without_memory(s, torch.tensor(p)) for s, p in zip(states, prompts)] == [True, False, False]
+    expected = [alone(model, tokenizer, s, p, 10) for s, p in zip(states, prompts)]
+    rows, batcher, prefilled_alone = batched(model, tokenizer, states, prompts, 10)
+    assert [row.tokens for row in rows] == expected
+    assert [row.role for row in rows] == ["base", "read", "read"] and batcher.max_batch == 3
+    assert prefilled_alone == []  # every prompt was prefilled in a packed step
 
 
 def test_a_request_joining_mid_decode_gets_its_own_tokens_and_streams():
@@ -164,7 +195,7 @@ def test_unbatched_calls_are_unchanged_by_the_packed_attention():
 
 
 @pytest.mark.parametrize("focused", [False, True], ids=["retrieved", "focused"])
-def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch(focused):
+def test_mplus_rows_that_retrieve_prefill_alone_focused_ones_packed_and_all_decode_in_the_batch(focused):
     from latentmem.config import MPlusConfig
     from latentmem.mplus import MPlus
 
@@ -191,11 +222,10 @@ def test_mplus_rows_that_retrieve_prefill_alone_and_decode_in_the_batch(focused)
     assert model.reads_depend_on_prompt(states[1]) == focused and not model.reads_depend_on_prompt(states[0])
     prompts = [ids(tokenizer, p) for p in PROMPTS]
     expected = [alone(model, tokenizer, s, p, 8) for s, p in zip(states, prompts)]
-    batcher = ChatBatcher(model, tokenizer)
-    rows = [batcher.submit(s, p, max_new_tokens=8) for s, p in zip(states, prompts)]
-    [batcher.wait(row) for row in rows]
-    batcher.close()
+    rows, batcher, prefilled_alone = batched(model, tokenizer, states, prompts, 8)
     assert [row.tokens for row in rows] == expected and batcher.max_batch == 3
+    # a read retrieving into the whole pool prefills alone; a focused read prefills packed
+    assert [row.state for row in prefilled_alone] == ([] if focused else [states[2]])
     # a focused model reads an empty memory as its base model: that row decodes in a pack of its own
     assert [row.role for row in rows] == (["base", "read", "read"] if focused else ["read"] * 3)
 
@@ -225,3 +255,34 @@ def test_the_server_answers_the_same_with_and_without_batching(tmp_path):
         finally:
             server.stop()
     assert answers[True] == answers[False] and answers[True][0] == answers[True][1]
+
+
+def test_a_batched_step_alone_takes_every_core_and_two_at_once_share_them():
+    from latentmem.server.batching import CoreShare
+
+    model, tokenizer = tiny()
+    cores, seen = CoreShare(4), []
+    batcher = ChatBatcher(model, tokenizer, cores=cores)
+    real = batcher._forward  # runs inside a step
+    batcher._forward = lambda rows, feeds: seen.append(torch.get_num_threads()) or real(rows, feeds)
+    before = torch.get_num_threads()
+    batcher.generate(model.new_memory(), ids(tokenizer, "Hi"), max_new_tokens=2)
+    assert set(seen) == {4} and torch.get_num_threads() == before  # the caller's own count is untouched
+    with cores.step() as alone:  # e.g. a write batch running meanwhile
+        batcher.generate(model.new_memory(), ids(tokenizer, "Hi"), max_new_tokens=2)
+    batcher.close()
+    assert alone == 4 and seen[-1] == 2
+
+
+def test_two_chat_schedulers_share_the_queue_and_each_row_gets_its_own_tokens():
+    model, tokenizer = tiny()
+    states = memories(model)
+    prompts = [ids(tokenizer, p) for p in PROMPTS]
+    expected = [alone(model, tokenizer, s, p, 12) for s, p in zip(states, prompts)]
+    batcher = ChatBatcher(model, tokenizer, workers=2)
+    rows = [batcher.submit(s, p, max_new_tokens=12) for s, p in zip(states, prompts) for _ in range(3)]
+    [batcher.wait(row) for row in rows]
+    names = {thread.name for thread in batcher._threads_started}
+    batcher.close()
+    assert [row.tokens for row in rows] == [e for e in expected for _ in range(3)]
+    assert names == {"latentmem chat batcher 0", "latentmem chat batcher 1"}

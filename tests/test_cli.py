@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from latentmem import MemoryState
+from latentmem import cli
 from latentmem.cli import app
 from latentmem.demo import run_demo
 from latentmem.models import untrained_model
@@ -164,9 +165,19 @@ def test_serve_builds_the_app_from_its_options(tmp_path, model_dir, monkeypatch)
     monkeypatch.setenv("LATENTMEM_API_KEYS", "alice-key-0123456789:alice")
     invoke("serve", "--model", model_dir, "--data-dir", tmp_path / "data", "--port", "9999")
     assert served["host"] == "127.0.0.1" and served["port"] == 9999
+    # writes go to journals; batched steps share every core (--batch-cores 0)
+    assert served["app"].state.registry.journal is True
+    assert [b.cores.cores for b in served["app"].state.batchers] == [cli._usable_cores()] * 2
     with TestClient(served["app"]) as http:
         assert http.get("/v1/memory", headers={"Authorization": "Bearer alice-key-0123456789"}).json()["writes"] == 0
         assert http.get("/v1/memory").status_code == 401
+
+    invoke("serve", "--model", model_dir, "--data-dir", tmp_path / "data", "--no-journal", "--batch-cores", "3")
+    assert served["app"].state.registry.journal is False
+    assert [b.cores.cores for b in served["app"].state.batchers] == [3, 3]
+    journal_and_store = ["--journal", "--store", str(tmp_path / "store"), "--data-dir", str(tmp_path / "data")]
+    refused = runner.invoke(app, ["serve", "--model", model_dir, *journal_and_store])
+    assert refused.exit_code == 1 and "a --store commits whole files" in refused.output
 
     monkeypatch.delenv("LATENTMEM_API_KEYS")
     refused = runner.invoke(app, ["serve", "--model", model_dir, "--data-dir", str(tmp_path / "data")])

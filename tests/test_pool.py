@@ -240,3 +240,33 @@ def test_forgetting_is_validated():
 
     with pytest.raises(ValueError, match="forgetting"):
         make_model(forgetting="lru")
+
+
+def test_a_write_rearranges_the_pool_in_place_as_a_gather_into_a_new_pool_would():
+    from latentmem.pool import keep_in_place
+
+    for per_layer in (False, True):
+        s = state(L=3, N=200, d=4, seed=int(per_layer))  # 200 slots: several blocks of keep_in_place
+        write_slots(s, torch.randn(3, 8, 4), injection_id=0, per_layer=per_layer)
+        for w in range(1, 6):
+            before, storage = s.stm.clone(), s.stm.data_ptr()
+            write_slots(s, torch.randn(3, 8, 4), injection_id=w, per_layer=per_layer)
+            survivors = s.slot_origins(s.version - 1)[:, :-8]
+            assert torch.equal(s.stm[:, :-8], before.gather(1, survivors[..., None].expand(-1, -1, 4)))
+            assert s.stm.data_ptr() == storage  # no second pool was allocated
+    pool = torch.arange(2 * 300 * 1, dtype=torch.float).view(2, 300, 1)
+    kept = torch.stack([torch.randperm(300)[:250].sort().values for _ in range(2)])
+    expected = pool.gather(1, kept[..., None])
+    keep_in_place(pool, kept, rows=7)
+    assert torch.equal(pool[:, :250], expected)
+
+
+def test_a_write_between_a_read_with_gradients_and_its_backward_leaves_the_backward_intact():
+    model = make_model().train()  # a read in training mode projects the pool with gradients
+    s = model.new_memory()
+    model.inject(s, input_ids=random_ids(16))
+    loss = model(input_ids=random_ids(6), memory=s).logits.square().mean()
+    with torch.no_grad():
+        model.inject(s, input_ids=random_ids(16))  # rearranges the pool the read differentiated through
+    loss.backward()  # would raise if the pool the graph saved had been changed in place
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

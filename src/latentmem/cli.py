@@ -8,6 +8,7 @@ and defaults to the `smollm2-135m-mplus` preset (`models.DEFAULT_MODEL`; `tiny` 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -290,9 +291,15 @@ def serve(
         True, help="Run concurrent chats as one continuously batched generation and concurrent writes as one "
         "batch per chunk (--no-batching: each request its own model calls, up to --parallel at once)."
     ),
-    journal: bool = typer.Option(
-        False, help="Save each write as a small journal record next to the session's file instead of rewriting "
-        "the file (folded into it once it grows past twice the file; not with --store or --ray)."
+    batch_cores: int = typer.Option(
+        0, min=0, help="CPU cores batched steps share: a step running alone (chats or writes) takes all of "
+        "them, steps running together half each (0: every core this process may use). --threads still sets "
+        "the threads of requests run alone.",
+    ),
+    journal: bool | None = typer.Option(
+        None, help="Save each write as a small journal record next to the session's file instead of rewriting "
+        "the file (folded into it once it grows past twice the file). Default: on, except with --store or --ray "
+        "(their commits are whole files).", show_default=False,
     ),
 ) -> None:
     """Serve an OpenAI-compatible chat API with one memory per user and session."""
@@ -308,6 +315,8 @@ def serve(
         _fail(str(err))
     name = Path(model_path).name if model_path else None
     if ray:
+        if journal:
+            _fail("--journal saves states under --data-dir; --ray serves them from --store (whole-file commits)")
         if store is None:
             _fail("--ray needs --store: a folder or s3://bucket/prefix that every replica reaches")
         from .serving import run
@@ -317,17 +326,24 @@ def serve(
             model_name=name, max_body_bytes=max_body_bytes, max_parallel=parallel,
             max_inject_tokens=max_inject_tokens, body_timeout=body_timeout)  # fmt: skip
         return
+    if journal and store is not None:
+        _fail("--journal saves states under --data-dir; a --store commits whole files")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load(model_path)
     app_ = create_app(
         model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
         max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout, store=store,
-        batching=batching, journal=journal,
+        batching=batching, journal=journal, batch_cores=batch_cores or _usable_cores(),
     )  # fmt: skip
     typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
                f"memory under {data_dir}", err=True)  # fmt: skip
     uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --- memory files -----------------------------------------------------------------------------

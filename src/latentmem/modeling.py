@@ -29,7 +29,7 @@ from .config import MemoryLLMConfig
 from .focus import focused_pool, rank_pool_writes
 from .pool import forget_injections
 from .positions import prompt_start
-from .reading import PrefixCache, compute_memory_prefix
+from .reading import MemoryPrefix, PrefixCache, compute_memory_prefix
 from .state import MemoryState
 from .writing import InjectionResult, inject
 
@@ -271,6 +271,13 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             return True
         return prompt_ids is not None and len(self.rank_writes_for(memory, torch.as_tensor(prompt_ids))) == 0
 
+    def focused_prefix(self, memory: MemoryState, ranked) -> MemoryPrefix:
+        """The keys/values one prompt's focused read attends to, [bos ; its best-ranked writes' slots]
+        (`focus.focused_pool`), given its writes ranked best first (`rank_writes_for`)."""
+        with self.adapters.use("read"):
+            pool, sources = focused_pool(self, memory, ranked=ranked)
+            return compute_memory_prefix(self, pool, sources=sources)
+
     def reads_depend_on_prompt(self, memory: MemoryState) -> bool:
         """Whether what a read of `memory` attends to depends on the prompt (focused reads)."""
         return self.focuses(memory)
@@ -379,9 +386,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         start = prompt_start(self.config.memory_positions, prefix_length, self.config.num_tokens)
         if fresh:
             cache = DynamicCache(config=self.backbone.config)
-            with self.adapters.use("read"):
-                pools = [focused_pool(self, memory, ranked=writes) for writes in ranked]
-                prefixes = [compute_memory_prefix(self, pool, sources=sources) for pool, sources in pools]
+            prefixes = [self.focused_prefix(memory, writes) for writes in ranked]
             for i in range(memory.num_layers):  # one cache row per prompt, each with its own prefix
                 keys, values = zip(*(prefix.layer(i) for prefix in prefixes))
                 cache.update(torch.cat(keys), torch.cat(values), i)

@@ -77,7 +77,7 @@ class MemoryFileError(ValueError):
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in INT8_TENSORS if "stm_q" in tensors else TENSORS:
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())  # the array itself: no copy
     return digest.hexdigest()
 
 

@@ -106,11 +106,17 @@ def write_slots(
         evicted = Evicted(
             state.stm[on_device], state.sources[layer_index, victims], state.ages[layer_index, victims], victims
         )
-        pool = torch.empty_like(state.stm)  # gather straight into the new pool: no extra copy
-        if per_layer:
-            pool[:, : N - k] = state.stm[layer_index.to(state.device), survivors.to(state.device)]
+        if _updatable_in_place(state.stm):
+            # No second pool: at the sizes served (141 MB per SmolLM2 state, GBs at 8B) allocating
+            # one per write costs more in page faults than the copy itself.
+            pool = state.stm
+            keep_in_place(pool, survivors.to(state.device))
         else:
-            torch.index_select(state.stm, 1, survivors[0].to(state.device), out=pool[:, : N - k])
+            pool = torch.empty_like(state.stm)  # gather straight into the new pool: no extra copy
+            if per_layer:
+                pool[:, : N - k] = state.stm[layer_index.to(state.device), survivors.to(state.device)]
+            else:
+                torch.index_select(state.stm, 1, survivors[0].to(state.device), out=pool[:, : N - k])
         pool[:, N - k :] = new_slots
         state.replace_pool(
             pool,
@@ -120,6 +126,35 @@ def write_slots(
         )
     state.write_count += 1
     return evicted
+
+
+def keep_in_place(pool: torch.Tensor, survivors: torch.Tensor, rows: int = 64) -> None:
+    """Move each layer's surviving slots to the front of `pool [L, N, d]`, in order, in place.
+
+    `survivors [L, m]` ascends per layer (a shared draw may be a stride-0 expansion of one row).
+    Done `rows` slots at a time, front to back: slot i comes from survivors[i] >= i, so a block's
+    sources lie at or behind the rows it overwrites and behind every row written before it, and
+    each block is gathered before it is stored.
+    """
+    shared = survivors.shape[0] == 1 or survivors.stride(0) == 0
+    for start in range(0, survivors.shape[1], rows):
+        stop = min(start + rows, survivors.shape[1])
+        if shared:
+            pool[:, start:stop] = pool.index_select(1, survivors[0, start:stop])
+        else:
+            index = survivors[:, start:stop, None].expand(-1, -1, pool.shape[-1])
+            pool[:, start:stop] = pool.gather(1, index)
+
+
+def _updatable_in_place(pool: torch.Tensor) -> bool:
+    """Whether a write may rearrange `pool` itself: not part of an autograd graph, contiguous, and
+    not an inference-mode tensor outside inference mode (torch forbids those in-place updates)."""
+    return (
+        not pool.requires_grad
+        and pool.grad_fn is None
+        and pool.is_contiguous()
+        and (torch.is_inference_mode_enabled() or not pool.is_inference())
+    )
 
 
 def forget_injections(state: MemoryState, injection_ids: set[int] | list[int]) -> int:

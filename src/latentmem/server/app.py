@@ -54,7 +54,7 @@ from ..state import MemoryState
 from ..store import ObjectStore, StoreError
 from ..segments import text_chunks
 from .auth import NAME_PATTERN, KeyTable
-from .batching import ChatBatcher, WriteBatcher, inject_batched
+from .batching import ChatBatcher, CoreShare, WriteBatcher, inject_batched
 from .errors import ApiError, LastResort, error_body, error_response
 from .gate import ModelGate, inject_in_turns
 from .guard import USER_KEY, Guard
@@ -86,7 +86,9 @@ def create_app(
     store: str | ObjectStore | None = None,
     storage_options: dict | None = None,
     batching: bool = True,
-    journal: bool = False,
+    journal: bool | None = None,
+    batch_cores: int | None = None,
+    chat_workers: int | None = None,
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
@@ -98,12 +100,16 @@ def create_app(
     several replicas may serve the same store (serving.py).
     `batching`: chat requests of all sessions run as rows of one continuously batched generation,
     and concurrent writes of different sessions as one batch per chunk (batching.py); False: every
-    request runs its own model calls (up to `max_parallel` at once).
+    request runs its own model calls (up to `max_parallel` at once). `batch_cores`: the CPU cores batched
+    steps share (`batching.CoreShare`: all to a step running alone; None: the process's setting);
+    `chat_workers`: chat scheduler threads, each with its own rows (None: 2 on CPU, 1 otherwise).
     `journal`: save each write as a record appended to `<state file>.journal` instead of rewriting the
-    file (persistence.py; local `data_dir` only); exports still send one whole file.
+    file (persistence.py; local `data_dir` only); exports still send one whole file. Default (None):
+    on for states under `data_dir`, off with a `store` (its commits are whole files).
     """
     if journal and store is not None:
         raise ValueError("journal saves are for states under data_dir; a shared store commits whole files")
+    journal = store is None if journal is None else journal
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
     if store is None:
         registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states, journal=journal)
@@ -112,8 +118,12 @@ def create_app(
             model, store, data_dir, max_loaded=max_loaded_states, storage_options=storage_options
         )
     gate = ModelGate(max_parallel)
-    chats = ChatBatcher(model, tokenizer, gate) if batching else None
-    writes = WriteBatcher(model, gate) if batching else None
+    cores = CoreShare(batch_cores) if batching and batch_cores else None
+    # On CPU a second chat scheduler prefills new prompts while the first decodes; on an
+    # accelerator one batch per step is what fills it
+    chat_workers = chat_workers or (2 if model.device.type == "cpu" else 1)
+    chats = ChatBatcher(model, tokenizer, gate, cores=cores, workers=chat_workers) if batching else None
+    writes = WriteBatcher(model, gate, cores=cores) if batching else None
     name = model_name or default_model_name(model)
     L, N, d = model.backbone.config.num_hidden_layers, model.config.memory_size, model.backbone.config.hidden_size
     # An uploaded state: the slots, per-slot ages and provenance, and room for the manifest.
@@ -135,6 +145,7 @@ def create_app(
 
     app = FastAPI(title="latentmem", lifespan=lifespan)
     app.state.model_name, app.state.registry = name, registry
+    app.state.batchers = [b for b in (chats, writes) if b is not None]
     app.add_middleware(
         Guard, keys=keys, max_body_bytes=max_body_bytes, max_import_bytes=max_import_bytes, body_timeout=body_timeout
     )

@@ -10,8 +10,10 @@ Nothing is padded or copied: rows with different memories, memory sizes and prom
 by side. Requests join and leave between steps (continuous batching); a finished or cancelled row
 leaves at once, its tokens streamed out as they come. A row's tokens are those `generate_reply`
 produces alone (greedy: the same argmax of the same computation, up to float rounding of batched
-matmuls). M+ reads that retrieve long-term slots (the prefix depends on the prompt) prefill alone
-through the model's own forward and join the batch for decoding.
+matmuls). A focused read (`focused_writes`) starts from the prefix of its own best-ranked writes and
+prefills packed like the rest; M+ reads that retrieve long-term slots into the whole pool (the
+prefix depends on the prompt) prefill alone through the model's own forward and join the batch for
+decoding.
 
 Writes (`WriteBatcher`). An injection is cut into chunks (writing.py); each chunk of each state is
 a job, and the jobs waiting at once are computed as one padded batch (`compute_slots_batch`, as
@@ -24,6 +26,7 @@ writes, the CLI) are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import sys
@@ -126,38 +129,73 @@ class ChatRow:
         return self.ranking or self.prompt
 
 
+class CoreShare:
+    """The CPU cores batched steps share: a step that runs alone takes all of them, n steps
+    running at once (chat and write schedulers) `cores // n` each, at least one (torch keeps its
+    thread count per thread, so request threads keep theirs). On 2 cores a lone 880-row step runs
+    1.8x faster on both, while two steps of two threads each gain nothing over one each."""
+
+    def __init__(self, cores: int):
+        if cores < 1:
+            raise ValueError(f"cores must be >= 1, got {cores}")
+        self.cores = cores
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def step(self):
+        with self._lock:
+            self._running += 1
+            threads = max(1, self.cores // self._running)
+        torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
 class _Scheduler:
-    """A queue drained by one lazily started scheduler thread (`_loop`), shared by both batchers."""
+    """A queue drained by `workers` lazily started scheduler threads (`_loop`), shared by both batchers."""
 
     thread_name = "batcher"  # in errors and the thread's name
 
-    def __init__(self) -> None:
+    def __init__(self, cores: CoreShare | None = None, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.cores = cores  # how many torch CPU threads each step takes (None: the process's setting)
+        self.workers = workers
         self._pending: deque = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads_started: list[threading.Thread] = []
 
     def _enqueue(self, item) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"the {self.thread_name} is closed")
             self._pending.append(item)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"latentmem {self.thread_name}", daemon=True)
-                self._thread.start()
+            if not self._threads_started:
+                for i in range(self.workers):
+                    name = f"latentmem {self.thread_name}" + (f" {i}" if self.workers > 1 else "")
+                    self._threads_started.append(threading.Thread(target=self._loop, name=name, daemon=True))
+                    self._threads_started[-1].start()
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Finish what is in flight, then stop the scheduler thread."""
+        """Finish what is in flight, then stop the scheduler threads."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
+            threads = list(self._threads_started)
+        for thread in threads:
             thread.join()
 
     def _loop(self) -> None:
         raise NotImplementedError
+
+    def _threads(self):
+        return self.cores.step() if self.cores is not None else _nothing()
 
 
 class ChatBatcher(_Scheduler):
@@ -170,8 +208,9 @@ class ChatBatcher(_Scheduler):
 
     thread_name = "chat batcher"
 
-    def __init__(self, model, tokenizer, gate: ModelGate | None = None, max_rows: int = 64):
-        super().__init__()
+    def __init__(self, model, tokenizer, gate: ModelGate | None = None, max_rows: int = 64,
+                 cores: CoreShare | None = None, workers: int = 1):  # fmt: skip
+        super().__init__(cores, workers)
         install_packed_attention(model)
         self.model, self.tokenizer, self.gate, self.max_rows = model, tokenizer, gate, max_rows
         self.eos = set(_eos_ids(model, tokenizer))
@@ -238,17 +277,20 @@ class ChatBatcher(_Scheduler):
         """One packed forward: prefill of `joining`, one decode step of `active`. Returns the rows going on."""
         model = self.model
         hold = self.gate.hold("read") if self.gate is not None else _nothing()
-        with hold, torch.inference_mode(), model.adapters.use("read"):
+        with hold, self._threads(), torch.inference_mode(), model.adapters.use("read"):
             # rows whose prefix depends on the prompt (M+ retrieval) prefill alone, through the model
             alone, packed = [], []
             for row in joining:  # a request that cannot start fails alone
                 try:
-                    base = model.reads_without_memory(row.state, row.ranked_by)
-                    if _retrieves(model, row.state) and not base:
+                    # a focused read ranks the writes once: none ranked, it reads as the base model
+                    focused = model.focuses(row.state)
+                    ranked = model.rank_writes_for(row.state, torch.tensor(row.ranked_by)) if focused else None
+                    base = len(ranked) == 0 if focused else model.reads_without_memory(row.state)
+                    if _retrieves(model, row.state) and not (base or focused):
                         self._advance(row, self._prefill_alone(row))
                         alone.append(row)
                     else:
-                        self._seed(row, base)
+                        self._seed(row, base, None if base else ranked)
                         packed.append(row)
                 except Exception as err:  # noqa: BLE001
                     self._finish(row, error=err)
@@ -271,15 +313,24 @@ class ChatBatcher(_Scheduler):
                 going_on.append(row)
         return going_on
 
-    def _seed(self, row: ChatRow, base: bool) -> None:
+    def _seed(self, row: ChatRow, base: bool, ranked=None) -> None:
         """The row's cache starts as its memory's prefix; the prompt starts at the prefix's prompt
-        position. A row that reads nothing (`base`: a focused model's empty memory, or no write
-        sharing a token with the prompt) has no prefix: it decodes as the base model."""
-        row.cache = DynamicCache(config=self.model.backbone.config)
+        position. A focused read (`ranked`: its writes, best first) starts with the prefix of its
+        own writes' slots, so its prompt is prefilled in the packed step like any other. A row that
+        reads nothing (`base`: a focused model's empty memory, or no write sharing a token with the
+        prompt) has no prefix: it decodes as the base model."""
+        model = self.model
+        row.cache = DynamicCache(config=model.backbone.config)
         if base:
             row.role, row.position = "base", 0
             return
-        prefix = self.model.memory_prefix(row.state)
+        if ranked is not None:
+            model.focused_prefix(row.state, ranked).seed(row.cache, 1)
+            # as `_focused_forward` numbers the prompt
+            length = model.read_prefix_length(row.state)
+            row.position = prompt_start(model.config.memory_positions, length, model.config.num_tokens)
+            return
+        prefix = model.memory_prefix(row.state)
         prefix.seed(row.cache, 1)
         row.position = prefix.prompt_start
 
@@ -402,8 +453,8 @@ class WriteBatcher(_Scheduler):
 
     thread_name = "write batcher"
 
-    def __init__(self, model, gate: ModelGate | None = None, max_rows: int = 16):
-        super().__init__()
+    def __init__(self, model, gate: ModelGate | None = None, max_rows: int = 16, cores: CoreShare | None = None):
+        super().__init__(cores)
         self.model, self.gate, self.max_rows = model, gate, max_rows
         self.batches = 0
         self.max_batch = 0
@@ -431,7 +482,7 @@ class WriteBatcher(_Scheduler):
                 self._pending.extendleft(reversed(later))
             try:
                 hold = self.gate.hold("write") if self.gate is not None else _nothing()
-                with hold, torch.no_grad():
+                with hold, self._threads(), torch.no_grad():
                     slots = compute_slots_batch(self.model, [j.state for j in jobs], [j.chunk for j in jobs])
                 for job, new in zip(jobs, slots):
                     job.slots = new
