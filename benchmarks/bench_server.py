@@ -101,8 +101,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool, pid: int) -> tuple[dict, float]:
-    timings: dict[str, list[float]] = {"inject": [], "chat": [], "tokens": [], "cpu": []}
+def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool, pid: int) -> tuple[dict, float, float]:
+    """(timings per endpoint, seconds, the server's CPU seconds) of one load."""
+    timings: dict[str, list[float]] = {"inject": [], "chat": [], "tokens": []}
     cpu = cpu_seconds(pid)
     threads = [
         threading.Thread(target=client_run, args=(url, "shared" if shared else f"c{i}", rounds, max_tokens, timings))
@@ -111,8 +112,7 @@ def load(url: str, clients: int, rounds: int, max_tokens: int, shared: bool, pid
     start = time.perf_counter()
     [t.start() for t in threads]
     [t.join() for t in threads]
-    timings["cpu"].append(cpu_seconds(pid) - cpu)  # the server's CPU seconds for the whole load
-    return timings, time.perf_counter() - start
+    return timings, time.perf_counter() - start, cpu_seconds(pid) - cpu
 
 
 def in_process_baseline(args) -> dict[str, float]:
@@ -186,7 +186,7 @@ def serve_and_load(args, names: list[str]) -> dict[str, tuple[str, dict, dict, f
         urls = {name: url for name, (_, url) in servers.items()}
         model = served_model(urls[names[0]])
         for url in urls.values():
-            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": [], "tokens": [], "cpu": []})
+            client_run(url, "warmup", 2, args.max_tokens, {"inject": [], "chat": [], "tokens": []})
         specs = [("1 client", 1, False), (f"{args.clients} clients, own sessions", args.clients, False),
                  (f"{args.clients} clients, one session", args.clients, True)]  # fmt: skip
         runs: dict[str, dict] = {name: {} for name in names}
@@ -215,7 +215,7 @@ def report(args, base: dict, name: str, results) -> None:
           f"{'chat p50/p95 ms':>17} {'chat p50 / direct':>18} {'tokens/chat':>11} {'CPU s/request':>13} "
           f"{'cores busy':>10}")  # fmt: skip
     single = None
-    for run, (timings, seconds) in runs.items():
+    for run, (timings, seconds, cpu) in runs.items():
         rate = requests(timings) / seconds
         single = single or rate
         inject, chat = (
@@ -223,7 +223,6 @@ def report(args, base: dict, name: str, results) -> None:
         )
         ratio = pct(timings["chat"], 0.5) / base["chat"]
         tokens = sum(timings["tokens"]) / max(1, len(timings["tokens"]))
-        cpu = timings["cpu"][0]
         print(f"{run:<28} {rate:>10.1f} {rate / single:>10.2f}   {inject}  {chat} {ratio:>17.1f}x {tokens:>11.1f} "
               f"{cpu / requests(timings):>13.3f} {cpu / seconds:>10.2f}")  # fmt: skip
     idle = pct(runs["1 client"][0]["chat"], 0.5)
@@ -238,7 +237,7 @@ def compare(names: list[str], before, after) -> None:
     print(f"\n{names[1]} / {names[0]} (same run):")
     print(f"{'run':<28} {'requests/s':>10} {'chat p50':>9} {'chat p95':>9} {'inject p50':>11} {'inject p95':>11}")
     for name in before[1]:
-        (t0, s0), (t1, s1) = before[1][name], after[1][name]
+        (t0, s0, _), (t1, s1, _) = before[1][name], after[1][name]
         rate = (requests(t1) / s1) / (requests(t0) / s0)
         cells = [pct(t1[k], q) / pct(t0[k], q) for k in ("chat", "inject") for q in (0.5, 0.95)]
         print(f"{name:<28} {rate:>9.2f}x {cells[0]:>8.2f}x {cells[1]:>8.2f}x {cells[2]:>10.2f}x {cells[3]:>10.2f}x")

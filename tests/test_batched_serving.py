@@ -95,9 +95,18 @@ def batched(model, tokenizer, states, prompts, n: int) -> tuple[list, ChatBatche
     return rows, batcher, prefilled_alone
 
 
-@pytest.mark.parametrize("isolated_writes", [False, True], ids=["pool-writes", "isolated-writes"])
-def test_focused_reads_prefill_in_the_packed_step_and_generate_what_each_generates_alone(isolated_writes):
-    model, tokenizer = tiny(focused_writes=1, isolated_writes=isolated_writes, forgetting="oldest")
+@pytest.mark.parametrize(
+    "isolated_writes, memory_positions, writes_read",
+    # per_write with 2 writes read: the prompt's first position lies inside the prefix, not after it
+    [(False, "pool", 1), (True, "pool", 1), (True, "per_write", 2)],
+    ids=["pool-writes", "isolated-writes", "per-write-positions"],
+)
+def test_focused_reads_prefill_in_the_packed_step_and_generate_what_each_generates_alone(
+    isolated_writes, memory_positions, writes_read
+):
+    model, tokenizer = tiny(
+        memory_positions, focused_writes=writes_read, isolated_writes=isolated_writes, forgetting="oldest"
+    )
     states = [model.new_memory(seed=s) for s in range(3)]
     notes = [[], ["Ada keeps the spare key under the blue stone."],
              ["Bo likes tea.", "Ada's locker code is 4711.", "Cy sails on Sundays."]]  # fmt: skip

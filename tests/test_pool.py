@@ -270,3 +270,15 @@ def test_a_write_between_a_read_with_gradients_and_its_backward_leaves_the_backw
         model.inject(s, input_ids=random_ids(16))  # rearranges the pool the read differentiated through
     loss.backward()  # would raise if the pool the graph saved had been changed in place
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_a_pool_written_in_inference_mode_takes_later_writes_outside_it():
+    s = state(L=2, N=16, d=4)
+    with torch.inference_mode():
+        write_slots(s, torch.randn(2, 4, 4), injection_id=0, per_layer=False)
+    assert s.stm.is_inference()  # torch forbids changing it in place outside inference mode
+    before, new = s.stm.clone(), torch.randn(2, 4, 4)
+    write_slots(s, new, injection_id=1, per_layer=False)
+    survivors = s.slot_origins(s.version - 1)[:, :-4]
+    assert torch.equal(s.stm[:, :-4], before.gather(1, survivors[..., None].expand(-1, -1, 4)))
+    assert torch.equal(s.stm[:, -4:], new)

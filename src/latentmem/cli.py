@@ -293,7 +293,7 @@ def serve(
     ),
     batch_cores: int = typer.Option(
         0, min=0, help="CPU cores batched steps share: a step running alone (chats or writes) takes all of "
-        "them, steps running together half each (0: every core this process may use). --threads still sets "
+        "them, n steps running together 1/n each (0: every core this process may use). --threads still sets "
         "the threads of requests run alone.",
     ),
     journal: bool | None = typer.Option(

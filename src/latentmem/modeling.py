@@ -254,9 +254,10 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         skip = self._ranking_skip
         return ids if skip is None or len(skip) == 0 else ids[~torch.isin(ids, skip.to(ids.device))]
 
-    def reads_without_memory(self, memory, prompt_ids: torch.Tensor | None = None) -> bool:
-        """Whether a read of `memory` (by the prompt `prompt_ids [n]`, when given) runs as the plain
-        base model (no memory, no read adapter).
+    def reads_without_memory(self, memory, prompt_ids: torch.Tensor | None = None, *, ranked=None) -> bool:
+        """Whether a read of `memory` (by the prompt `prompt_ids [n]`, when given; or by a prompt whose
+        writes `rank_writes_for` already `ranked`) runs as the plain base model (no memory, no read
+        adapter).
 
         A focused model reads so an empty memory, and a memory in which no write shares a token with
         the prompt (besides `skip_in_ranking`'s): its read adapter learned to answer from memory,
@@ -269,7 +270,9 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             return False
         if not memory.initialized:
             return True
-        return prompt_ids is not None and len(self.rank_writes_for(memory, torch.as_tensor(prompt_ids))) == 0
+        if ranked is None and prompt_ids is not None:
+            ranked = self.rank_writes_for(memory, torch.as_tensor(prompt_ids))
+        return ranked is not None and len(ranked) == 0
 
     def focused_prefix(self, memory: MemoryState, ranked) -> MemoryPrefix:
         """The keys/values one prompt's focused read attends to, [bos ; its best-ranked writes' slots]

@@ -106,17 +106,12 @@ def write_slots(
         evicted = Evicted(
             state.stm[on_device], state.sources[layer_index, victims], state.ages[layer_index, victims], victims
         )
-        if _updatable_in_place(state.stm):
-            # No second pool: at the sizes served (141 MB per SmolLM2 state, GBs at 8B) allocating
-            # one per write costs more in page faults than the copy itself.
-            pool = state.stm
-            keep_in_place(pool, survivors.to(state.device))
-        else:
-            pool = torch.empty_like(state.stm)  # gather straight into the new pool: no extra copy
-            if per_layer:
-                pool[:, : N - k] = state.stm[layer_index.to(state.device), survivors.to(state.device)]
-            else:
-                torch.index_select(state.stm, 1, survivors[0].to(state.device), out=pool[:, : N - k])
+        # No second pool: at the sizes served (141 MB per SmolLM2 state, GBs at 8B) allocating one per
+        # write costs more in page faults than the move itself. A pool that may not change is copied.
+        pool = state.stm
+        if not _updatable_in_place(pool):
+            pool = pool.detach().clone(memory_format=torch.contiguous_format)
+        keep_in_place(pool, survivors.to(state.device))
         pool[:, N - k :] = new_slots
         state.replace_pool(
             pool,
@@ -151,7 +146,6 @@ def _updatable_in_place(pool: torch.Tensor) -> bool:
     not an inference-mode tensor outside inference mode (torch forbids those in-place updates)."""
     return (
         not pool.requires_grad
-        and pool.grad_fn is None
         and pool.is_contiguous()
         and (torch.is_inference_mode_enabled() or not pool.is_inference())
     )

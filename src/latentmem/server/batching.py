@@ -194,7 +194,7 @@ class _Scheduler:
     def _loop(self) -> None:
         raise NotImplementedError
 
-    def _threads(self):
+    def _cores(self):
         return self.cores.step() if self.cores is not None else _nothing()
 
 
@@ -277,20 +277,20 @@ class ChatBatcher(_Scheduler):
         """One packed forward: prefill of `joining`, one decode step of `active`. Returns the rows going on."""
         model = self.model
         hold = self.gate.hold("read") if self.gate is not None else _nothing()
-        with hold, self._threads(), torch.inference_mode(), model.adapters.use("read"):
+        with hold, self._cores(), torch.inference_mode(), model.adapters.use("read"):
             # rows whose prefix depends on the prompt (M+ retrieval) prefill alone, through the model
             alone, packed = [], []
             for row in joining:  # a request that cannot start fails alone
                 try:
-                    # a focused read ranks the writes once: none ranked, it reads as the base model
+                    # a focused read ranks the writes once, for the base-model rule and its prefix
                     focused = model.focuses(row.state)
                     ranked = model.rank_writes_for(row.state, torch.tensor(row.ranked_by)) if focused else None
-                    base = len(ranked) == 0 if focused else model.reads_without_memory(row.state)
+                    base = model.reads_without_memory(row.state, ranked=ranked)
                     if _retrieves(model, row.state) and not (base or focused):
                         self._advance(row, self._prefill_alone(row))
                         alone.append(row)
                     else:
-                        self._seed(row, base, None if base else ranked)
+                        self._seed(row, base, ranked)
                         packed.append(row)
                 except Exception as err:  # noqa: BLE001
                     self._finish(row, error=err)
@@ -324,13 +324,7 @@ class ChatBatcher(_Scheduler):
         if base:
             row.role, row.position = "base", 0
             return
-        if ranked is not None:
-            model.focused_prefix(row.state, ranked).seed(row.cache, 1)
-            # as `_focused_forward` numbers the prompt
-            length = model.read_prefix_length(row.state)
-            row.position = prompt_start(model.config.memory_positions, length, model.config.num_tokens)
-            return
-        prefix = model.memory_prefix(row.state)
+        prefix = model.memory_prefix(row.state) if ranked is None else model.focused_prefix(row.state, ranked)
         prefix.seed(row.cache, 1)
         row.position = prefix.prompt_start
 
@@ -482,7 +476,7 @@ class WriteBatcher(_Scheduler):
                 self._pending.extendleft(reversed(later))
             try:
                 hold = self.gate.hold("write") if self.gate is not None else _nothing()
-                with hold, self._threads(), torch.no_grad():
+                with hold, self._cores(), torch.no_grad():
                     slots = compute_slots_batch(self.model, [j.state for j in jobs], [j.chunk for j in jobs])
                 for job, new in zip(jobs, slots):
                     job.slots = new
