@@ -11,9 +11,10 @@ Starts the server as its own process on a loopback port (the tiny preset unless 
 Prints requests/s, p50/p95 latency per endpoint and the server's CPU seconds per request (and
 cores kept busy), with ratios to the baselines. `--servers
 compare` runs everything twice, against the server as issue 20 found it (`serve --no-batching
---no-journal`: every request its own model calls, every write rewriting its session's file) and the
-default one (chats of all sessions as one continuously batched generation, writes batched per chunk,
-each write appended to its session's journal), and prints after/before ratios measured in the same
+--no-journal --no-merge`: every request its own model calls through PEFT's LoRA layers, every write
+rewriting its session's file) and the default one (chats of all sessions as one continuously
+batched generation, writes batched per chunk, each write appended to its session's journal, LoRA
+adapters merged into weight copies), and prints after/before ratios measured in the same
 run; `--servers batching` compares `--no-batching` with the default, both journaled.
 
     python benchmarks/bench_server.py --clients 20 --rounds 10
@@ -43,7 +44,7 @@ QUESTION = "Where does Ada keep the spare key?"
 
 
 # The servers `--servers` runs, by name: their `serve` flags.
-SERVERS = {"before": ["--no-batching", "--no-journal"], "unbatched": ["--no-batching"], "default": []}
+SERVERS = {"before": ["--no-batching", "--no-journal", "--no-merge"], "unbatched": ["--no-batching"], "default": []}
 RUNS = {"default": ["default"], "before": ["before"], "compare": ["before", "default"],
         "batching": ["unbatched", "default"]}  # fmt: skip
 

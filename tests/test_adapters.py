@@ -52,7 +52,10 @@ def test_use_picks_the_adapter_for_its_block_only():
 
 
 def test_concurrent_reads_and_writes_equal_sequential_ones():
-    model = make_model()
+    check_concurrent_reads_and_writes(make_model())
+
+
+def check_concurrent_reads_and_writes(model):
     reader_state, writer_state = filled(model, seed=1), filled(model, seed=2)
     prompts = [random_ids(6, seed=10 + i) for i in range(6)]
     contexts = [random_ids(24, seed=30 + i) for i in range(6)]
@@ -94,3 +97,53 @@ def test_concurrent_reads_and_writes_equal_sequential_ones():
         else:
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(results["write"], want_pool, atol=ATOL, rtol=0)
+
+
+# --- merged weights (serving) ------------------------------------------------------------------
+def test_merged_adapters_compute_each_role_as_peft_does():
+    model = make_model()
+    state = filled(model)
+    ids, context = random_ids(6, seed=1), random_ids(12, seed=4)[0]
+    with torch.no_grad():
+        want = {role: _backbone_logits(model, role, ids) for role in ("read", "write", "base")}
+        want_read, want_slots = model(ids, memory=state).logits, compute_new_slots(model, state, context)
+        model.adapters.merge()
+        assert model.adapters.merged
+        for role, logits in want.items():
+            torch.testing.assert_close(_backbone_logits(model, role, ids), logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(ids, memory=state).logits, want_read, atol=ATOL, rtol=0)
+        torch.testing.assert_close(compute_new_slots(model, state, context), want_slots, atol=ATOL, rtol=0)
+
+
+def test_merged_weights_are_copies_used_without_gradients_only():
+    model = make_model()
+    ids = random_ids(5, seed=2)
+    model.adapters.merge()
+    with torch.no_grad():
+        merged = _backbone_logits(model, "read", ids)
+        for layer in model.adapters.layers:  # change the adapter after the merge
+            layer.lora_B["decoder_adapter"].weight.mul_(3.0)
+        assert torch.equal(_backbone_logits(model, "read", ids), merged)  # the merged copy computes
+    with torch.enable_grad():  # with gradients: PEFT's own forward, which sees the change
+        assert (_backbone_logits(model, "read", ids) - merged).abs().max() > 1e-3
+    model.adapters.set_trainable(True)  # training drops the merged copies
+    assert not model.adapters.merged
+    with torch.no_grad():
+        assert (_backbone_logits(model, "read", ids) - merged).abs().max() > 1e-3
+
+
+def test_merged_adapters_keep_concurrent_reads_and_writes_apart():
+    model = make_model()
+    model.adapters.merge()
+    check_concurrent_reads_and_writes(model)
+
+
+def test_merged_bytes_count_one_copy_per_adapter():
+    model = make_model()
+    weights = sum(layer.get_base_layer().weight.nbytes for layer in model.adapters.layers)
+    assert model.adapters.merged_bytes() == 2 * weights > 0
+
+
+def _backbone_logits(model, role, ids):
+    with model.adapters.use(role):
+        return model.backbone(input_ids=ids).logits

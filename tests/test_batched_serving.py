@@ -283,15 +283,24 @@ def test_a_batched_step_alone_takes_every_core_and_two_at_once_share_them():
     assert alone == 4 and seen[-1] == 2
 
 
-def test_two_chat_schedulers_share_the_queue_and_each_row_gets_its_own_tokens():
+def test_two_chat_schedulers_one_prefilling_one_decoding_every_row_give_each_row_its_own_tokens():
     model, tokenizer = tiny()
     states = memories(model)
     prompts = [ids(tokenizer, p) for p in PROMPTS]
     expected = [alone(model, tokenizer, s, p, 12) for s, p in zip(states, prompts)]
     batcher = ChatBatcher(model, tokenizer, workers=2)
+    steps, step = [], batcher._step
+
+    def recorded(active, joining):
+        steps.append((threading.current_thread().name[-1], len(active), len(joining)))
+        return step(active, joining)
+
+    batcher._step = recorded
     rows = [batcher.submit(s, p, max_new_tokens=12) for s, p in zip(states, prompts) for _ in range(3)]
-    [batcher.wait(row) for row in rows]
     names = {thread.name for thread in batcher._threads_started}
-    batcher.close()
-    assert [row.tokens for row in rows] == [e for e in expected for _ in range(3)]
+    batcher.close()  # returns once every row is done, prefilled rows handed over included
     assert names == {"latentmem chat batcher 0", "latentmem chat batcher 1"}
+    assert [row.tokens for row in rows] == [e for e in expected for _ in range(3)]
+    assert all(active == 0 for worker, active, _ in steps if worker == "1")  # worker 1 only prefills
+    assert all(joining == 0 for worker, active, joining in steps if worker == "0" and active)  # 0 decodes
+    assert any(worker == "1" for worker, _, _ in steps)

@@ -13,7 +13,7 @@ import torch
 
 from latentmem import MemoryFileError, MemoryState
 from latentmem.journal import journal_path
-from latentmem.persistence import FORMAT_VERSION, compact_state, load_state, read_manifest, save_state
+from latentmem.persistence import compact_state, load_state, read_manifest, save_state
 from latentmem.pool import write_slots
 from latentmem.quantize import dequantize_rows, quantize_rows, round_trip_
 
@@ -65,7 +65,7 @@ def test_int8_save_loads_as_the_round_trip(tmp_path):
     state = written()
     save_state(state, tmp_path / "m.safetensors", slot_dtype="int8")
     manifest = read_manifest(tmp_path / "m.safetensors")
-    assert manifest["slots"] == "int8" and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["slots"] == "int8" and manifest["format_version"] == 2
     loaded = load_state(tmp_path / "m.safetensors")
     assert loaded.dtype == state.dtype
     round_trip_(state)
@@ -196,6 +196,85 @@ def test_compaction_folds_the_journal_into_a_new_base(tmp_path):
     compact_state(path)
     assert not journal_path(path).exists()
     assert_same(load_state(path), state)
+
+
+# --- a first write saved as one copy ------------------------------------------------------
+WIDE = (2, 512, 64)  # enough slots that the pool, not the generator state (6.7 kB), is most of a file
+
+
+def first_write(slots: int = 5, seed: int = 7) -> MemoryState:
+    """A state after one write of `slots` slots: the pool is that write tiled (512 = 102 copies + 2)."""
+    state = MemoryState(*WIDE, seed=seed)
+    injection = state.record_injection("first", 20)
+    write_slots(state, torch.randn(WIDE[0], slots, WIDE[2], generator=torch.Generator().manual_seed(seed)),
+                injection.id, per_layer=True)  # fmt: skip
+    return state
+
+
+@pytest.mark.parametrize("slot_dtype", [None, "int8"])
+def test_a_first_write_is_saved_as_one_copy(tmp_path, slot_dtype):
+    state, path = first_write(), tmp_path / "m.safetensors"
+    save_state(state, path, slot_dtype=slot_dtype)
+    whole = first_write()
+    write(whole, 1)  # no longer one write tiled
+    save_state(whole, tmp_path / "full.safetensors", slot_dtype=slot_dtype)
+    manifest = read_manifest(path)
+    assert manifest["tiled"] == 5 and manifest["format_version"] == 3
+    assert path.stat().st_size < (tmp_path / "full.safetensors").stat().st_size / 5
+    loaded = load_state(path)
+    if slot_dtype is None:
+        assert_same(loaded, state)
+    else:
+        round_trip_(state)
+        assert_same(loaded, state)
+    assert loaded.tile_period == 5  # saved again, still one copy
+    save_state(loaded, tmp_path / "again.safetensors", slot_dtype=slot_dtype)
+    assert read_manifest(tmp_path / "again.safetensors")["tiled"] == 5
+
+
+def test_an_empty_state_is_saved_as_one_slot(tmp_path):
+    state, path = MemoryState(*WIDE, seed=3), tmp_path / "m.safetensors"
+    state.record_injection("recorded, never written", 4)
+    save_state(state, path)
+    assert read_manifest(path)["tiled"] == 1
+    loaded = load_state(path)
+    assert not loaded.initialized
+    assert_same(loaded, state)
+
+
+def test_a_pool_changed_in_place_is_not_trusted_to_be_tiled(tmp_path):
+    state, path = first_write(), tmp_path / "m.safetensors"
+    state.stm[1, 20, 3] += 1.0  # behind the state's back: tile_period still says 5
+    save_state(state, path)
+    assert "tiled" not in read_manifest(path)
+    assert_same(load_state(path), state)
+
+
+def test_writes_after_a_tiled_base_append_to_its_journal(tmp_path):
+    state, path = first_write(), tmp_path / "m.safetensors"
+    save_state(state, path, journal=True)  # journal_limit as served: measured against the untiled pool
+    base = path.stat()
+    assert base.st_size < 30_000  # a 2.0 limit against this file would compact at the second record
+    for i in range(3):
+        write(state, 50 + i)
+        save_state(state, path, journal=True)
+        assert path.stat().st_ino == base.st_ino and path.stat().st_mtime_ns == base.st_mtime_ns
+    assert journal_path(path).exists()
+    assert_same(load_state(path), state)
+
+
+@pytest.mark.parametrize("period", [0, 512, 4, "5"])
+def test_a_malformed_tile_period_is_refused(tmp_path, period):
+    from test_persistence import resave_with_manifest
+    from latentmem.persistence import _manifest_checksum
+
+    path = tmp_path / "m.safetensors"
+    save_state(first_write(), path)
+    manifest = {**read_manifest(path), "tiled": period}
+    manifest["manifest_checksum"] = _manifest_checksum(manifest)
+    resave_with_manifest(path.read_bytes(), path, **manifest)
+    with pytest.raises(MemoryFileError, match="tiled"):
+        load_state(path)
 
 
 def test_old_files_load_as_before(tmp_path):

@@ -259,6 +259,11 @@ def test_a_write_rearranges_the_pool_in_place_as_a_gather_into_a_new_pool_would(
     expected = pool.gather(1, kept[..., None])
     keep_in_place(pool, kept, rows=7)
     assert torch.equal(pool[:, :250], expected)
+    for dropped in (16, 40, 150):  # forgetting the oldest: one run, moved as a shift (blocks of `dropped`)
+        pool = torch.randn(3, 300, 5)
+        expected = pool[:, dropped:].clone()
+        keep_in_place(pool, torch.arange(dropped, 300)[None].expand(3, -1))
+        assert torch.equal(pool[:, : 300 - dropped], expected)
 
 
 def test_a_write_between_a_read_with_gradients_and_its_backward_leaves_the_backward_intact():

@@ -301,6 +301,12 @@ def serve(
         "the file (folded into it once it grows past twice the file). Default: on, except with --store or --ray "
         "(their commits are whole files).", show_default=False,
     ),
+    merge_adapters: bool | None = typer.Option(
+        None, "--merge/--no-merge", help="Compute with each LoRA adapter merged into a copy of the weights it "
+        "changes (one matmul per layer instead of three; memory: one copy per adapter). Default: on when the "
+        "copies take at most 2 GiB.",
+        show_default=False,
+    ),
 ) -> None:
     """Serve an OpenAI-compatible chat API with one memory per user and session."""
     import torch
@@ -334,7 +340,7 @@ def serve(
     app_ = create_app(
         model, tokenizer, data_dir=data_dir, api_keys=api_keys, model_name=name, max_body_bytes=max_body_bytes,
         max_parallel=parallel, max_inject_tokens=max_inject_tokens, body_timeout=body_timeout, store=store,
-        batching=batching, journal=journal, batch_cores=batch_cores or _usable_cores(),
+        batching=batching, journal=journal, batch_cores=batch_cores or _usable_cores(), merge_adapters=merge_adapters,
     )  # fmt: skip
     typer.echo(f"serving {app_.state.model_name} for {len(set(api_keys.values()))} user(s) on http://{host}:{port}; "
                f"memory under {data_dir}", err=True)  # fmt: skip

@@ -42,6 +42,7 @@ from safetensors.torch import save as save_bytes
 
 from . import journal as jr
 from .ltm.files import fsync_dir, replacement_mode, write_atomic
+from .pool import tile_to_fill, tiled_from
 from .quantize import dequantize_pool, quantize_pool, quantize_rows
 from .state import EXTERNAL, Injection, MemoryState
 
@@ -49,8 +50,9 @@ if TYPE_CHECKING:
     from .modeling import MemoryLLM
 
 FORMAT = "latentmem.memory_state"
-# 2: int8 slots (`slots: "int8"`) and a journal (`journal: <id>`); files with neither are still written as 1
-FORMAT_VERSION = 2
+# 2: int8 slots (`slots: "int8"`) and a journal (`journal: <id>`); 3: a pool stored as one copy of its
+# tiled first write (`tiled: <slots per copy>`). Each file is written with the lowest version it needs.
+FORMAT_VERSION = 3
 TENSORS = ("stm", "ages", "sources")
 INT8_TENSORS = ("stm_q", "stm_scale", "ages", "sources")  # slot codes [L, N, d] int8, scales [L, N] float32
 SLOT_DTYPES = (None, "int8")  # how slots are stored: the state's dtype, or int8 codes + a scale per slot
@@ -115,15 +117,20 @@ def save_state(
 
 
 def _save_whole(state: MemoryState, path: Path, slot_dtype: str | None, journal: bool) -> None:
+    # A pool that is still its first write tiled N/k times (or still empty) is stored as one copy:
+    # a new session's first save writes k slots per layer, not N.
+    period = _tile_period(state)
+    stored = slice(None) if period is None else slice(0, period)
+    stm = state.stm[:, stored].detach()
     if slot_dtype == "int8":
-        codes, scales = quantize_pool(state.stm)
+        codes, scales = quantize_pool(stm)
         tensors = {"stm_q": codes, "stm_scale": scales}
     else:
-        tensors = {"stm": state.stm.detach().contiguous().cpu()}
-    tensors.update(ages=state.ages.contiguous(), sources=state.sources.contiguous())
+        tensors = {"stm": stm.contiguous().cpu()}
+    tensors.update(ages=state.ages[:, stored].contiguous(), sources=state.sources[:, stored].contiguous())
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if (slot_dtype or journal) else 1,
+        "format_version": 3 if period is not None else 2 if (slot_dtype or journal) else 1,
         "fingerprint": state.fingerprint,
         "shape": list(state.shape),
         "dtype": str(state.dtype).removeprefix("torch."),
@@ -136,6 +143,8 @@ def _save_whole(state: MemoryState, path: Path, slot_dtype: str | None, journal:
     }
     if slot_dtype:
         manifest["slots"] = slot_dtype
+    if period is not None:
+        manifest["tiled"] = period
     if journal:
         manifest["journal"] = uuid.uuid4().hex[:12]
     if state.ltm is not None:
@@ -159,6 +168,23 @@ def _save_whole(state: MemoryState, path: Path, slot_dtype: str | None, journal:
     _remove_stale_generations(path, keep=manifest.get("ltm"))
     if journal:
         state._journal = _Cursor.after(state, path, manifest["journal"], 0, 0, slot_dtype)
+
+
+def _tile_period(state: MemoryState) -> int | None:
+    """Slots per copy if the pool, its ages and provenance are a tiling of their first slots (an
+    empty pool: of one zero slot), else None; checked in place, whatever the state believes."""
+    period = state.tile_period if state.initialized else 1
+    if period is None or period >= state.num_slots:
+        return None
+    tiled = all(tiled_from(t, period) for t in (state.stm, state.ages, state.sources))
+    return period if tiled else None
+
+
+def _whole_bytes(state: MemoryState, slot_dtype: str | None) -> int:
+    """What a whole save of the untiled pool writes (near enough): what a journal is measured against."""
+    L, N, d = state.shape
+    per_slot = d + 4 if slot_dtype == "int8" else d * state.stm.element_size()
+    return L * N * (per_slot + 16)  # + int64 age and provenance
 
 
 def _generator_state(state: MemoryState) -> str:
@@ -200,8 +226,9 @@ class _Cursor:
     @classmethod
     def after(cls, state, path, journal_id, offset, seq, slot_dtype) -> _Cursor:
         stat = os.stat(path)
+        base_bytes = max(stat.st_size, _whole_bytes(state, slot_dtype))  # a tiled base is far smaller
         return cls(
-            path, journal_id, _identity(stat), stat.st_size, offset, seq, slot_dtype, state.version,
+            path, journal_id, _identity(stat), base_bytes, offset, seq, slot_dtype, state.version,
             state.write_count, len(state.injections), state.ages.clone(), state.sources.clone(),
         )  # fmt: skip
 
@@ -483,6 +510,8 @@ def load_state(path: str | Path, model: "MemoryLLM | None" = None) -> MemoryStat
         raise MemoryFileError(f"{path} is not a readable latentmem memory file ({err})") from err
     if _checksum(tensors) != manifest["checksum"]:
         raise MemoryFileError(f"{path} is corrupted: checksum mismatch")
+    if "tiled" in manifest:
+        _untile(path, manifest, tensors)
     _check_tensors(path, manifest, tensors, slots_only=True)
     end, seq = 0, 0
     if "journal" in manifest:
@@ -511,6 +540,8 @@ def load_state(path: str | Path, model: "MemoryLLM | None" = None) -> MemoryStat
         state.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
     except Exception as err:  # not base64, or not a generator state
         raise MemoryFileError(f"{path} has a malformed manifest: generator state ({err!r})") from err
+    if manifest["initialized"] and "tiled" in manifest and seq == 0:
+        state.tile_period = manifest["tiled"]  # still one write tiled: a whole save stays one copy
     if "journal" in manifest:  # later journaled saves of this state append to its journal (or start it)
         cursor = _Cursor.after(state, path, manifest["journal"], end or 0, seq, manifest.get("slots"))
         if cursor.base == before:  # else the file was replaced while read: the next save is a whole one
@@ -519,6 +550,18 @@ def load_state(path: str | Path, model: "MemoryLLM | None" = None) -> MemoryStat
 
 
 _DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _untile(path: Path, manifest: dict, tensors: dict) -> None:
+    """Expand a tiled file's stored copy to the whole pool (in place of `tensors`' entries)."""
+    L, N, _ = manifest["shape"]
+    period = manifest["tiled"]
+    if not (_is(period, int) and 0 < period < N):
+        raise MemoryFileError(f"{path} has a malformed manifest: tiled {period!r} (1..{N - 1} slots)")
+    for name, stored in tensors.items():
+        if stored.dim() < 2 or tuple(stored.shape[:2]) != (L, period):
+            raise MemoryFileError(f"{path}: {name} is {list(stored.shape)}, the manifest says {period} tiled slots")
+        tensors[name] = tile_to_fill(stored, N)
 
 
 def _replay_journal(path: Path, manifest: dict, tensors: dict) -> tuple[int | None, int]:

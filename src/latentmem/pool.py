@@ -24,6 +24,18 @@ def tile_to_fill(new: torch.Tensor, num_slots: int) -> torch.Tensor:
     return torch.cat(copies, dim=1)
 
 
+def tiled_from(pool: torch.Tensor, period: int) -> bool:
+    """Whether `pool [L, N, ...]` is `tile_to_fill(pool[:, :period], N)` (compared in place, no copy)."""
+    N = pool.shape[1]
+    if not 0 < period <= N:
+        return False
+    tail = N % period
+    body = N - tail  # whole copies: each equals the one before it
+    return torch.equal(pool[:, period:body], pool[:, : body - period]) and torch.equal(
+        pool[:, body:], pool[:, period - tail : period]
+    )
+
+
 def draw_survivors(
     num_slots: int, num_dropped: int, generator: torch.Generator, protected: torch.Tensor | None = None,
     oldest: bool = False,
@@ -88,6 +100,7 @@ def write_slots(
 
     if not state.initialized:
         state.replace_pool(tile_to_fill(new_slots, N), tile_to_fill(new_ages, N), tile_to_fill(new_sources, N))
+        state.tile_period = k
     else:
         if k > N:
             raise ValueError(f"a write of {k} slots does not fit a pool of {N}")
@@ -132,8 +145,17 @@ def keep_in_place(pool: torch.Tensor, survivors: torch.Tensor, rows: int = 64) -
     each block is gathered before it is stored.
     """
     shared = survivors.shape[0] == 1 or survivors.stride(0) == 0
-    for start in range(0, survivors.shape[1], rows):
-        stop = min(start + rows, survivors.shape[1])
+    m = survivors.shape[1]
+    if shared and m and int(survivors[0, -1] - survivors[0, 0]) == m - 1 and int(survivors[0, 0]) >= 16:
+        # One run from slot s on (forgetting the oldest): a shift, copied s slots at a time from
+        # the slots just behind, which never overlap them; half the memory traffic of a gather.
+        shift = int(survivors[0, 0])
+        for start in range(0, m, shift):
+            stop = min(start + shift, m)
+            pool[:, start:stop] = pool[:, start + shift : stop + shift]
+        return
+    for start in range(0, m, rows):
+        stop = min(start + rows, m)
         if shared:
             pool[:, start:stop] = pool.index_select(1, survivors[0, start:stop])
         else:

@@ -75,6 +75,9 @@ class MemoryState:
         self.version = 0
         # (version before, version after, survivors [L, N-k]) of the latest writes, see `slot_origins`
         self._pool_log: deque[tuple[int, int, torch.Tensor]] = deque(maxlen=POOL_LOG)
+        # Slots per copy when the pool is a first write tiled to fill it (`pool.tile_to_fill`), else None:
+        # a save then stores one copy (persistence.py), checked against the pool before it is trusted.
+        self.tile_period: int | None = None
         self.ltm = None  # M+ long-term memory (a LongTermStore), None for MemoryLLM
         self._journal = None  # persistence.py: the journaled file this state was last saved to or loaded from
 
@@ -91,6 +94,7 @@ class MemoryState:
         self.ages.zero_()
         self.sources.fill_(EXTERNAL)
         self.initialized = True
+        self.tile_period = None
         self.touch()
 
     @property
@@ -124,6 +128,7 @@ class MemoryState:
         before = self.version
         self._stm, self.ages, self.sources = stm, ages, sources
         self.initialized = True
+        self.tile_period = None
         self.touch()
         if survivors is not None:
             small = survivors if survivors.stride(0) == 0 else survivors.to(torch.int32)  # shared draws: one row
@@ -159,6 +164,7 @@ class MemoryState:
         self.ages.zero_()
         self.sources.fill_(EXTERNAL)
         self.initialized = False
+        self.tile_period = None
         self.touch()
 
     def injections_from(self, source: str) -> list[int]:

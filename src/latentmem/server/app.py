@@ -65,6 +65,9 @@ from .store_registry import StaleState, StoreRegistry
 
 logger = logging.getLogger("latentmem.server")
 SESSION_HEADER = "x-latentmem-session"
+# Merged adapter weights the server makes by default (create_app merge_adapters=None): two copies of
+# SmolLM2-135M's LoRA layers take 734 MiB; an 8B model's would take tens of GB.
+MERGE_LIMIT = 2 << 30
 
 
 def create_app(
@@ -89,6 +92,7 @@ def create_app(
     journal: bool | None = None,
     batch_cores: int | None = None,
     chat_workers: int | None = None,
+    merge_adapters: bool | None = None,
 ) -> FastAPI:
     """The server for one loaded model; memory states live under `data_dir`.
 
@@ -106,10 +110,15 @@ def create_app(
     `journal`: save each write as a record appended to `<state file>.journal` instead of rewriting the
     file (persistence.py; local `data_dir` only); exports still send one whole file. Default (None):
     on for states under `data_dir`, off with a `store` (its commits are whole files).
+    `merge_adapters`: compute with each LoRA adapter merged into a copy of its layers' weights
+    (`AdapterSwitch.merge`: one matmul per layer instead of three; this changes `model` for every
+    caller). Default (None): merged when the copies take at most `MERGE_LIMIT` bytes.
     """
     if journal and store is not None:
         raise ValueError("journal saves are for states under data_dir; a shared store commits whole files")
     journal = store is None if journal is None else journal
+    if merge_adapters or (merge_adapters is None and model.adapters.merged_bytes() <= MERGE_LIMIT):
+        model.adapters.merge()
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
     if store is None:
         registry = StateRegistry(model, data_dir, max_loaded=max_loaded_states, journal=journal)

@@ -178,7 +178,9 @@ class _Scheduler:
             if not self._threads_started:
                 for i in range(self.workers):
                     name = f"latentmem {self.thread_name}" + (f" {i}" if self.workers > 1 else "")
-                    self._threads_started.append(threading.Thread(target=self._loop, name=name, daemon=True))
+                    self._threads_started.append(
+                        threading.Thread(target=self._loop, args=(i,), name=name, daemon=True)
+                    )
                     self._threads_started[-1].start()
             self._cond.notify_all()
 
@@ -191,7 +193,7 @@ class _Scheduler:
         for thread in threads:
             thread.join()
 
-    def _loop(self) -> None:
+    def _loop(self, worker: int) -> None:
         raise NotImplementedError
 
     def _cores(self):
@@ -202,8 +204,9 @@ class ChatBatcher(_Scheduler):
     """Runs every chat request as a row of one shared, continuously batched generation loop.
 
     `generate` has `generate_reply`'s arguments and result; it blocks until the reply is complete
-    (text deltas go to `on_text` meanwhile). One scheduler thread runs the steps, holding `gate` for
-    each step, so the model's other users (writes) still take turns with it.
+    (text deltas go to `on_text` meanwhile). A scheduler thread runs the steps, holding `gate` for
+    each step, so the model's other users (writes) still take turns with it; with `workers` > 1,
+    the others prefill new requests and hand them to the first, which decodes every row (`_loop`).
     """
 
     thread_name = "chat batcher"
@@ -216,6 +219,9 @@ class ChatBatcher(_Scheduler):
         self.eos = set(_eos_ids(model, tokenizer))
         self.steps = 0  # packed forwards run (tests and benchmarks read these)
         self.max_batch = 0
+        self._prefilled: deque[ChatRow] = deque()  # prefilled by a worker > 0, for worker 0 to decode
+        self._prefilling = 0  # prefill steps running (worker 0 outlives them when closing)
+        self._decoding = False  # worker 0 is running steps: new requests go to the other workers
 
     def generate(
         self,
@@ -254,24 +260,63 @@ class ChatBatcher(_Scheduler):
         return row.reply
 
     # -- the scheduler --
-    def _loop(self) -> None:
+    # Worker 0 decodes every row in one batch per step: a decode step reads all the weights
+    # whatever its rows, so splitting rows across workers would read them once per worker. Other
+    # workers only prefill: they take new requests, run their prompts (compute-bound, so it
+    # overlaps a decode step well on a second core) and hand the rows over (`_prefilled`). Worker 0
+    # also takes new requests itself when it has nothing else to run (or is the only worker).
+    def _loop(self, worker: int) -> None:
+        if worker:
+            return self._prefill_loop()
         active: list[ChatRow] = []
         while True:
             with self._cond:
-                while not self._pending and not active and not self._closed:
+                while not (self._pending or self._prefilled or active or self._closed):
+                    self._decoding = False
                     self._cond.wait()
-                if not self._pending and not active:
+                if not (self._pending or self._prefilled or active or self._prefilling):
                     return  # closed and idle
-                joining = []
-                while self._pending and len(active) + len(joining) < self.max_rows:
+                while self._prefilled and len(active) < self.max_rows:
+                    active.append(self._prefilled.popleft())
+                joining = []  # new requests join the decode steps when no other worker prefills them
+                room = self.max_rows - len(active) if self.workers == 1 or not active else 0
+                while self._pending and len(joining) < room:
                     joining.append(self._pending.popleft())
+                self._decoding = bool(active or joining)
+                if not self._decoding:  # closed; a prefill still running hands its rows over
+                    self._cond.wait()
+                    continue
+            active = self._run(active, joining)
+
+    def _prefill_loop(self) -> None:
+        while True:
+            with self._cond:  # a request arriving while worker 0 is idle is its own: no hand-over
+                while not (self._pending and self._decoding) and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                joining = []
+                while self._pending and len(joining) < self.max_rows:
+                    joining.append(self._pending.popleft())
+                self._prefilling += 1
+            prefilled = []
             try:
-                active = self._step(active, joining)
-            except BaseException as err:
-                logger.exception("batched generation step failed")
-                for row in active + joining:
-                    self._finish(row, error=err)
-                active = []
+                prefilled = self._run([], joining)
+            finally:
+                with self._cond:
+                    self._prefilling -= 1
+                    self._prefilled.extend(prefilled)
+                    self._cond.notify_all()
+
+    def _run(self, active: list[ChatRow], joining: list[ChatRow]) -> list[ChatRow]:
+        """`_step`, failing every row in it if the step fails (the rows going on, or none)."""
+        try:
+            return self._step(active, joining)
+        except BaseException as err:
+            logger.exception("batched generation step failed")
+            for row in active + joining:
+                self._finish(row, error=err)
+            return []
 
     def _step(self, active: list[ChatRow], joining: list[ChatRow]) -> list[ChatRow]:
         """One packed forward: prefill of `joining`, one decode step of `active`. Returns the rows going on."""
@@ -461,7 +506,7 @@ class WriteBatcher(_Scheduler):
             raise job.error
         return job.slots
 
-    def _loop(self) -> None:
+    def _loop(self, worker: int) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._closed:
