@@ -83,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", action="store_true",
+                   help="compute with the LoRA adapters merged into weight copies, as the server does")  # fmt: skip
     return p.parse_args()
 
 
@@ -99,7 +101,10 @@ def build_model(args) -> MemoryLLM:
         lora={"r": args.lora_r, "lora_alpha": 4 * args.lora_r, "lora_dropout": 0.0, "target_modules": TARGET_MODULES},
         add_decoder_lora=True, memory_positions=args.positions,
     )  # fmt: skip
-    return randomize_memory_weights(MemoryLLM(config).to(torch.float32).eval(), args.seed)
+    model = randomize_memory_weights(MemoryLLM(config).to(torch.float32).eval(), args.seed)
+    if args.merge:
+        model.adapters.merge()
+    return model
 
 
 def rss_kib(field: str) -> int:
@@ -215,7 +220,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs")  # fmt: skip
     print(f"shape: {args.layers} layers x d{args.hidden}, {args.heads}/{args.kv_heads} heads, N={N}, K={K}, fp32, "
-          f"LoRA r={args.lora_r}, positions={args.positions}, query {args.query_len} tokens, "
+          f"LoRA r={args.lora_r}{' merged' if args.merge else ''}, positions={args.positions}, "
+          f"query {args.query_len} tokens, "
           f"{args.reps} rounds (medians)")  # fmt: skip
     print(f"incremental vs recompute: max |logit diff| {diff:.2e}, greedy tokens equal: {tokens_equal}")
     for label, ts in times.items():

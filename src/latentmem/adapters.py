@@ -13,7 +13,7 @@ copies). Adapters are injected through PEFT's public API for models that are not
 
 For serving, `AdapterSwitch.merge()` precomputes each adapter's merged weight `W + s·BA` per LoRA
 layer, so an inference call is one matmul per layer instead of PEFT's base matmul plus two small
-LoRA matmuls, a dropout and an add: 13-20% of a SmolLM2 decode step on a CPU. The merged forward
+LoRA matmuls, a dropout and an add: 13-24% of a lone SmolLM2 forward on a CPU. The merged forward
 still picks its weight by the calling context's adapter; it costs one weight copy per adapter
 (`merged_bytes`) and is used only without gradients (training always computes through PEFT).
 """
@@ -215,7 +215,6 @@ def _merged_forward(switch: AdapterSwitch, base: torch.nn.Linear, merged: dict[s
         return F.linear(x.to(weight.dtype), weight, base.bias)
 
     return forward
-
 
 
 def _check_role(role: str) -> None:
