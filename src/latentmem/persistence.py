@@ -180,11 +180,12 @@ def _tile_period(state: MemoryState) -> int | None:
     return period if tiled else None
 
 
-def _whole_bytes(state: MemoryState, slot_dtype: str | None) -> int:
-    """What a whole save of the untiled pool writes (near enough): what a journal is measured against."""
-    L, N, d = state.shape
-    per_slot = d + 4 if slot_dtype == "int8" else d * state.stm.element_size()
-    return L * N * (per_slot + 16)  # + int64 age and provenance
+def pool_bytes(shape: tuple[int, int, int], dtype: torch.dtype, slot_dtype: str | None = None) -> int:
+    """The tensor bytes of a whole (untiled) state file of `shape` [L, N, d]: the slots in `dtype`
+    (or int8 codes and a float32 scale each) and every slot's int64 age and provenance."""
+    L, N, d = shape
+    per_slot = d + 4 if slot_dtype == "int8" else d * dtype.itemsize
+    return L * N * (per_slot + 16)
 
 
 def _generator_state(state: MemoryState) -> str:
@@ -226,7 +227,7 @@ class _Cursor:
     @classmethod
     def after(cls, state, path, journal_id, offset, seq, slot_dtype) -> _Cursor:
         stat = os.stat(path)
-        base_bytes = max(stat.st_size, _whole_bytes(state, slot_dtype))  # a tiled base is far smaller
+        base_bytes = max(stat.st_size, pool_bytes(state.shape, state.dtype, slot_dtype))  # a tiled base is smaller
         return cls(
             path, journal_id, _identity(stat), base_bytes, offset, seq, slot_dtype, state.version,
             state.write_count, len(state.injections), state.ages.clone(), state.sources.clone(),

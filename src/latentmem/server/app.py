@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException
 
 from ..chat import asked_ids, default_stops, generate_reply, memory_ids, memory_sources, prompt_ids
 from ..models import model_name as default_model_name
-from ..persistence import MemoryFileError, names_long_term_store
+from ..persistence import MemoryFileError, names_long_term_store, pool_bytes
 from ..state import MemoryState
 from ..store import ObjectStore, StoreError
 from ..segments import text_chunks
@@ -106,7 +106,8 @@ def create_app(
     and concurrent writes of different sessions as one batch per chunk (batching.py); False: every
     request runs its own model calls (up to `max_parallel` at once). `batch_cores`: the CPU cores batched
     steps share (`batching.CoreShare`: all to a step running alone; None: the process's setting);
-    `chat_workers`: chat scheduler threads, each with its own rows (None: 2 on CPU, 1 otherwise).
+    `chat_workers`: chat scheduler threads: the first decodes every row, the others prefill new
+    requests and hand them over (None: 2 on CPU, 1 otherwise).
     `journal`: save each write as a record appended to `<state file>.journal` instead of rewriting the
     file (persistence.py; local `data_dir` only); exports still send one whole file. Default (None):
     on for states under `data_dir`, off with a `store` (its commits are whole files).
@@ -136,7 +137,7 @@ def create_app(
     name = model_name or default_model_name(model)
     L, N, d = model.backbone.config.num_hidden_layers, model.config.memory_size, model.backbone.config.hidden_size
     # An uploaded state: the slots, per-slot ages and provenance, and room for the manifest.
-    max_import_bytes = max_import_bytes or L * N * (d * model.dtype.itemsize + 16) + (16 << 20)
+    max_import_bytes = max_import_bytes or pool_bytes((L, N, d), model.dtype) + (16 << 20)
     context = getattr(model.backbone.config, "max_position_embeddings", None)
     tmp_dir = Path(data_dir) / "tmp"  # uploads being checked, exports of never-saved states
     tmp_dir.mkdir(parents=True, exist_ok=True)
