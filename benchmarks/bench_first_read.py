@@ -84,7 +84,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", action="store_true",
-                   help="compute with the LoRA adapters merged into weight copies, as the server does")  # fmt: skip
+                   help="compute with both LoRA adapters merged into weight copies, as the server does")  # fmt: skip
+    p.add_argument("--exact", action="store_true",
+                   help="compute as the release does (set_fast_inference(False)), not the default")  # fmt: skip
     return p.parse_args()
 
 
@@ -102,6 +104,8 @@ def build_model(args) -> MemoryLLM:
         add_decoder_lora=True, memory_positions=args.positions,
     )  # fmt: skip
     model = randomize_memory_weights(MemoryLLM(config).to(torch.float32).eval(), args.seed)
+    if args.exact:
+        model.set_fast_inference(False)
     if args.merge:
         model.adapters.merge()
     return model
@@ -220,7 +224,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs")  # fmt: skip
     print(f"shape: {args.layers} layers x d{args.hidden}, {args.heads}/{args.kv_heads} heads, N={N}, K={K}, fp32, "
-          f"LoRA r={args.lora_r}{' merged' if args.merge else ''}, positions={args.positions}, "
+          f"LoRA r={args.lora_r}{' merged' if args.merge else ''}{', exact' if args.exact else ''}, "
+          f"positions={args.positions}, "
           f"query {args.query_len} tokens, "
           f"{args.reps} rounds (medians)")  # fmt: skip
     print(f"incremental vs recompute: max |logit diff| {diff:.2e}, greedy tokens equal: {tokens_equal}")

@@ -102,6 +102,7 @@ def check_concurrent_reads_and_writes(model):
 # --- merged weights (serving) ------------------------------------------------------------------
 def test_merged_adapters_compute_each_role_as_peft_does():
     model = make_model()
+    model.set_fast_inference(False)  # the wanted values come from PEFT's own forward
     state = filled(model)
     ids, context = random_ids(6, seed=1), random_ids(12, seed=4)[0]
     with torch.no_grad():
@@ -115,21 +116,46 @@ def test_merged_adapters_compute_each_role_as_peft_does():
         torch.testing.assert_close(compute_new_slots(model, state, context), want_slots, atol=ATOL, rtol=0)
 
 
-def test_merged_weights_are_copies_used_without_gradients_only():
+def test_merged_copies_follow_the_weights_and_serve_inference_only():
     model = make_model()
+    model.set_fast_inference(False)
     ids = random_ids(5, seed=2)
     model.adapters.merge()
     with torch.no_grad():
         merged = _backbone_logits(model, "read", ids)
-        for layer in model.adapters.layers:  # change the adapter after the merge
+        for layer in model.adapters.layers:  # change the adapter after the merge, in place
             layer.lora_B["decoder_adapter"].weight.mul_(3.0)
-        assert torch.equal(_backbone_logits(model, "read", ids), merged)  # the merged copy computes
-    with torch.enable_grad():  # with gradients: PEFT's own forward, which sees the change
-        assert (_backbone_logits(model, "read", ids) - merged).abs().max() > 1e-3
-    model.adapters.set_trainable(True)  # training drops the merged copies
-    assert not model.adapters.merged
+        changed = _backbone_logits(model, "read", ids)  # the copies are rebuilt from the new weights
+        assert (changed - merged).abs().max() > 1e-3
+    model.adapters.unmerge()
+    with torch.no_grad():  # PEFT's own forward agrees with the rebuilt copies
+        torch.testing.assert_close(_backbone_logits(model, "read", ids), changed, atol=ATOL, rtol=0)
+    model.adapters.merge()
+    model.adapters.set_trainable(True)  # training computes through PEFT and frees the copies
+    copies = [layer._latentmem_merged["decoder_adapter"] for layer in model.adapters.layers]
+    assert copies and not any(c.layouts for c in copies)
     with torch.no_grad():
-        assert (_backbone_logits(model, "read", ids) - merged).abs().max() > 1e-3
+        _backbone_logits(model, "read", ids)
+    assert not any(c.layouts for c in copies)  # not even without gradients while trainable
+    model.adapters.set_trainable(False)
+    with torch.no_grad():
+        torch.testing.assert_close(_backbone_logits(model, "read", ids), changed, atol=ATOL, rtol=0)
+    assert all(c.layouts for c in copies)
+
+
+def test_a_replaced_weight_is_picked_up_too():
+    model = make_model()
+    ids = random_ids(5, seed=2)
+    with torch.no_grad():
+        before = _backbone_logits(model, "read", ids)
+        layer = model.adapters.layers[0]
+        base = layer.get_base_layer()
+        base.weight.data = base.weight.data * 2  # new storage, no in-place write
+        after = _backbone_logits(model, "read", ids)
+    model.set_fast_inference(False)
+    with torch.no_grad():
+        torch.testing.assert_close(_backbone_logits(model, "read", ids), after, atol=ATOL, rtol=0)
+    assert (after - before).abs().max() > 1e-4
 
 
 def test_merged_adapters_keep_concurrent_reads_and_writes_apart():
@@ -142,6 +168,7 @@ def test_merged_bytes_count_one_copy_per_adapter():
     model = make_model()
     weights = sum(layer.get_base_layer().weight.nbytes for layer in model.adapters.layers)
     assert model.adapters.merged_bytes() == 2 * weights > 0
+    assert model.adapters.merged_bytes(["decoder_adapter"]) == weights
 
 
 def _backbone_logits(model, role, ids):

@@ -168,7 +168,8 @@ def test_serve_builds_the_app_from_its_options(tmp_path, model_dir, monkeypatch)
     # writes go to journals; batched steps share every core (--batch-cores 0)
     assert served["app"].state.registry.journal is True
     assert [b.cores.cores for b in served["app"].state.batchers] == [cli._usable_cores()] * 2
-    assert served["app"].state.registry.model.adapters.merged  # a small model's adapters: merged copies
+    served_model = served["app"].state.registry.model
+    assert served_model.adapters.merged == ("default", "decoder_adapter")  # a small model's: both merged
     with TestClient(served["app"]) as http:
         assert http.get("/v1/memory", headers={"Authorization": "Bearer alice-key-0123456789"}).json()["writes"] == 0
         assert http.get("/v1/memory").status_code == 401
@@ -177,7 +178,8 @@ def test_serve_builds_the_app_from_its_options(tmp_path, model_dir, monkeypatch)
     assert served["app"].state.registry.journal is False
     assert [b.cores.cores for b in served["app"].state.batchers] == [3, 3]
     invoke("serve", "--model", model_dir, "--data-dir", tmp_path / "data", "--no-merge")
-    assert not served["app"].state.registry.model.adapters.merged
+    served_model = served["app"].state.registry.model
+    assert not served_model.adapters.merged and not served_model.fast_inference  # the release's arithmetic
     journal_and_store = ["--journal", "--store", str(tmp_path / "store"), "--data-dir", str(tmp_path / "data")]
     refused = runner.invoke(app, ["serve", "--model", model_dir, *journal_and_store])
     assert refused.exit_code == 1 and "a --store commits whole files" in refused.output

@@ -68,6 +68,19 @@ def build_official(folder, lora=True, initialized=1, rope_scaling=None, seed=0):
     return ref, extra["memory"]
 
 
+def test_a_folder_saved_by_the_release_names_its_own_model_type(tmp_path):
+    """The release's config class saves `model_type: memoryllm`, which transformers does not know."""
+    ref, pool = build_official(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "memoryllm"}))
+    model = MemoryLLM.from_pretrained(tmp_path)
+    ids = random_ids(6)
+    assert model.backbone.config.model_type == "llama"
+    torch.testing.assert_close(
+        model(ids, memory=model.initial_memory()).logits, reference_logits(ref, pool, ids), atol=1e-4, rtol=0
+    )
+
+
 @pytest.mark.parametrize("rope_scaling", [None, {"type": "linear", "factor": 2.0}])
 def test_official_checkpoint_reads_its_memory_like_the_reference(tmp_path, rope_scaling):
     ref, pool = build_official(tmp_path, rope_scaling=rope_scaling)

@@ -11,11 +11,13 @@ two threads each compute with their own adapter, through PEFT's ordinary LoRA fo
 copies). Adapters are injected through PEFT's public API for models that are not a `PeftModel`
 (`peft.functional`), never by writing private attributes.
 
-For serving, `AdapterSwitch.merge()` precomputes each adapter's merged weight `W + s·BA` per LoRA
+For inference, `AdapterSwitch.merge()` keeps each adapter's merged weight `W + s·BA` per LoRA
 layer, so an inference call is one matmul per layer instead of PEFT's base matmul plus two small
 LoRA matmuls, a dropout and an add: 13-24% of a lone SmolLM2 forward on a CPU. The merged forward
-still picks its weight by the calling context's adapter; it costs one weight copy per adapter
-(`merged_bytes`) and is used only without gradients (training always computes through PEFT).
+still picks its weight by the calling context's adapter; it costs one weight copy per adapter and
+layout (`merged_bytes`, inference_weights.py), follows every change of the weights it was made
+from, and is used only without gradients (training always computes through PEFT). A MemoryLLM
+merges its read adapter at the first read (`MemoryLLM.set_fast_inference`); the server merges both.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig
 from peft.functional import inject_adapter_in_model, set_requires_grad
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
+
+from .inference_weights import InferenceWeight, eager_layout
 
 WRITE_ADAPTER = "default"
 READ_ADAPTER = "decoder_adapter"
@@ -148,71 +151,108 @@ class AdapterSwitch:
     def set_trainable(self, trainable: bool) -> None:
         """Let both adapters' weights receive gradients (training) or freeze them (inference)."""
         if trainable:
-            self.unmerge()  # merged weights would go stale as the adapters train
+            self._drop_merged_copies()  # training computes through PEFT; copies are rebuilt after it
         self.trainable = trainable
         self._set_trainable(trainable)
 
     # --- merged weights for inference ----------------------------------------------------------
-    def merged_bytes(self) -> int:
-        """The memory `merge()` takes: one copy of every LoRA layer's weight per adapter."""
-        return len(self.names) * sum(layer.get_base_layer().weight.nbytes for layer in self.layers)
+    def merged_bytes(self, adapters: Sequence[str] | None = None) -> int:
+        """Bytes of one layout of the copies `merge(adapters)` makes (default: all adapters).
+
+        Every LoRA layer's weight once per adapter; on a CPU a copy may be held in two layouts
+        (inference_weights.py), each built only when a call needs it.
+        """
+        count = len(self.names if adapters is None else [a for a in adapters if a in self.names])
+        return count * sum(layer.get_base_layer().weight.nbytes for layer in self.layers)
 
     @property
-    def merged(self) -> bool:
-        return any("forward" in vars(layer) for layer in self.layers)
+    def merged(self) -> tuple[str, ...]:
+        """The adapters whose inference calls compute with merged weights (empty: none)."""
+        names = set()
+        for layer in self.layers:
+            names.update(getattr(layer, "_latentmem_merged", {}))
+        return tuple(n for n in self.names if n in names)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Compute inference calls with each adapter merged into its layer's weight (see the module doc).
+    def merge(self, adapters: Sequence[str] | None = None, lazy: bool = False) -> None:
+        """Compute inference calls of `adapters` (all by default) with merged weights (see the module doc).
 
-        Call it once the adapters hold their final weights (after loading): the merged copies are
-        taken now. Calls with gradients enabled, and layers the merge cannot express (dropout in
-        training mode, LoRA variants such as DoRA, weights moved to another device or dtype since),
-        still run PEFT's own forward; `unmerge()` (and `set_trainable(True)`) drop the copies.
+        Each merged copy follows its sources: it is rebuilt when the base weight, either LoRA matrix
+        or the scaling changed since (loading new adapter weights included). `lazy`: build each copy
+        at its layer's first inference call instead of now. Calls with gradients enabled, calls while
+        the adapters are trainable, and layers the merge cannot express (dropout in training mode,
+        LoRA variants such as DoRA, inputs on another device or dtype) run PEFT's own forward;
+        `unmerge()` goes back to PEFT everywhere.
         """
+        chosen = self.names if adapters is None else list(adapters)
+        for name in chosen:
+            if name not in self.names:
+                raise ValueError(f"no adapter named {name!r}; this model has {self.names}")
         for layer in self.layers:
             base = layer.get_base_layer()
             if not isinstance(base, torch.nn.Linear) or any(name in layer.lora_variant for name in self.names):
                 continue
-            merged = {name: _merged_weight(layer, base, name) for name in self.names if name in layer.lora_A}
-            layer.forward = types.MethodType(_merged_forward(self, base, merged, type(layer).forward), layer)
+            if "forward" not in vars(layer):
+                layer._latentmem_merged = {}
+                layer.forward = types.MethodType(_merged_forward(self, base, type(layer).forward), layer)
+            for name in chosen:
+                if name in layer.lora_A and name not in layer._latentmem_merged:
+                    layer._latentmem_merged[name] = _merged_copy(layer, base, name)
+                if not lazy and name in layer._latentmem_merged:
+                    layer._latentmem_merged[name].copy(eager_layout(base.weight))
 
     def unmerge(self) -> None:
         """Back to PEFT's forward (base matmul + LoRA) everywhere; the merged copies are freed."""
         for layer in self.layers:
             vars(layer).pop("forward", None)
+            vars(layer).pop("_latentmem_merged", None)
+
+    def _drop_merged_copies(self) -> None:
+        for layer in self.layers:
+            for copy in getattr(layer, "_latentmem_merged", {}).values():
+                copy.drop()
 
     def _set_trainable(self, trainable: bool) -> None:
         if self.names:
             set_requires_grad(self.backbone, adapter_names=self.names, requires_grad=trainable)
 
 
-def _merged_weight(layer, base: torch.nn.Linear, name: str) -> torch.Tensor:
-    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    delta = (lora_b.float() @ lora_a.float()) * layer.scaling[name]
-    if getattr(layer, "fan_in_fan_out", False):
-        delta = delta.T
-    return (base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype)
+def _merged_copy(layer, base: torch.nn.Linear, name: str) -> InferenceWeight:
+    """`W + s·BA` for adapter `name`, rebuilt whenever W, A, B or s changed."""
+    # parameters read from the modules' dicts: nn.Module.__getattr__ would cost microseconds per call
+    w, a, b = base._parameters, layer.lora_A[name]._parameters, layer.lora_B[name]._parameters
+
+    def make() -> torch.Tensor:
+        delta = (b["weight"].float() @ a["weight"].float()) * layer.scaling[name]
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        weight = w["weight"]
+        return (weight.float() + delta.to(weight.device)).to(weight.dtype)
+
+    return InferenceWeight(make, lambda: (w["weight"], a["weight"], b["weight"]), lambda: (layer.scaling[name],))
 
 
-def _merged_forward(switch: AdapterSwitch, base: torch.nn.Linear, merged: dict[str, torch.Tensor], peft_forward):
+def _merged_forward(switch: AdapterSwitch, base: torch.nn.Linear, peft_forward):
     """A LoRA layer's forward with the calling context's adapter merged in (PEFT's own when it cannot be)."""
+    params = base._parameters
 
     def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = switch.current()
-        weight = base.weight if name is None else merged.get(name)
+        copy = layer._latentmem_merged.get(name) if name is not None else None
+        weight = params["weight"]
         usable = (
-            weight is not None
+            copy is not None
             and not args
             and not kwargs
+            and not switch.trainable
             and not torch.is_grad_enabled()
-            and weight.device == base.weight.device
-            and weight.dtype == base.weight.dtype
-            and not (layer.training and name is not None and getattr(layer.lora_dropout[name], "p", 0) > 0)
+            and x.device == weight.device
+            and x.dtype == weight.dtype
+            and not (layer.training and getattr(layer.lora_dropout[name], "p", 0) > 0)
         )
         if not usable:
             return peft_forward(layer, x, *args, **kwargs)
-        return F.linear(x.to(weight.dtype), weight, base.bias)
+        return copy.linear(x, params["bias"])
 
     return forward
 

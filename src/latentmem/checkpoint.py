@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .config import MemoryLLMConfig, MPlusConfig
 from .ltm.official import LTM_TENSORS, Chunked, Entry, read_header, read_rows, stream_into_store, write_safetensors
@@ -88,6 +89,8 @@ def official_config_to_native(config: dict) -> MemoryLLMConfig:
     backbone_fields.pop("architectures", None)
     backbone_fields.pop("auto_map", None)
     model_type = backbone_fields.pop("model_type", "llama")
+    if model_type not in CONFIG_MAPPING:  # the release's own config class ("memoryllm") extends Llama's
+        model_type = "llama"
     backbone_config = AutoConfig.for_model(model_type, **backbone_fields)
     lora = config.get("lora_config")
     # `num_memory_tokens` is derived (num_tokens * num_blocks); the `memory` tensor's shape is

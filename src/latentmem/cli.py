@@ -304,7 +304,7 @@ def serve(
     merge_adapters: bool | None = typer.Option(
         None, "--merge/--no-merge", help="Compute with each LoRA adapter merged into a copy of the weights it "
         "changes (one matmul per layer instead of three; memory: one copy per adapter). Default: on when the "
-        "copies take at most 2 GiB.",
+        "copies take at most 2 GiB. --no-merge: compute exactly as the official release does (slower).",
         show_default=False,
     ),
 ) -> None:

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
+from . import inference_weights
 from .adapters import AdapterSwitch
 from .attention import use_folded_gqa_attention
 from .config import MemoryLLMConfig
@@ -34,6 +35,11 @@ from .state import MemoryState
 from .writing import InjectionResult, inject
 
 logger = logging.get_logger(__name__)
+
+# Reads merge their adapter into weight copies by default while the copies (two layouts on a CPU,
+# inference_weights.py) take at most this (SmolLM2-135M: 2 x 367 MiB).
+AUTO_MERGE_BYTES = 1 << 30
+
 
 class MemoryLLM(PreTrainedModel, GenerationMixin):
     config_class = MemoryLLMConfig
@@ -60,6 +66,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if self.token_shift is not None:
             nn.init.zeros_(self.token_shift.weight)
         self.adapters = AdapterSwitch(self.backbone, config.lora, config.add_decoder_lora)
+        self.set_fast_inference(True)
         self.prefix_cache = PrefixCache()
         self.checkpoint_memory: MemoryState | None = None  # the pool an official checkpoint ships
         self._ranking_skip: torch.Tensor | None = None  # prompt tokens focused reads ignore (`skip_in_ranking`)
@@ -119,6 +126,37 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if self.token_shift is not None and new_ids is not None and input_ids.shape[1] > new_ids.shape[1]:
             inputs["previous_token_ids"] = input_ids[:, -new_ids.shape[1] - 1]
         return inputs
+
+    def set_fast_inference(self, enabled: bool = True) -> None:
+        """Compute inference calls (no gradients) the fast way (the default), or exactly as the release does.
+
+        Enabled: reads compute with the read adapter merged into copies of the layers it adapts
+        (`AdapterSwitch.merge`; skipped when the copies would exceed `AUTO_MERGE_BYTES`), those
+        copies and the output head are laid out for the CPU's matmuls (inference_weights.py:
+        oneDNN-packed for several rows, transposed for one), and a decoding step's attention is two
+        batched products instead of SDPA's blocked kernel (attention.py). Copies are built at the
+        first call that needs them and follow every change of the weights. Outputs agree with the
+        exact path to float32 rounding, not bit for bit. Disabled: every call computes the release's
+        arithmetic (PEFT's LoRA, the plain output head, SDPA), bit for bit, and no copy is held.
+        Training computes the same either way.
+        """
+        head = self.backbone.get_output_embeddings()
+        self.adapters.unmerge()
+        inference_weights.stop_inference_copies(head)
+        for layer in self.decoder.layers:
+            if hasattr(layer, "self_attn"):  # attention.py reads it: SDPA's kernel for decoding steps too
+                layer.self_attn.exact_arithmetic = not enabled
+        if not enabled:
+            return
+        inference_weights.use_inference_copies(head)
+        read = self.adapters.adapter_for("read")
+        if read is not None and 2 * self.adapters.merged_bytes([read]) <= AUTO_MERGE_BYTES:
+            self.adapters.merge([read], lazy=True)
+
+    @property
+    def fast_inference(self) -> bool:
+        """Whether inference calls compute the fast way (`set_fast_inference`)."""
+        return hasattr(self.backbone.get_output_embeddings(), "inference_copies")
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone initialises itself; this model adds only plain parameters set in __init__.

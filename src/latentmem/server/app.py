@@ -111,14 +111,18 @@ def create_app(
     `journal`: save each write as a record appended to `<state file>.journal` instead of rewriting the
     file (persistence.py; local `data_dir` only); exports still send one whole file. Default (None):
     on for states under `data_dir`, off with a `store` (its commits are whole files).
-    `merge_adapters`: compute with each LoRA adapter merged into a copy of its layers' weights
+    `merge_adapters`: compute with both LoRA adapters merged into copies of their layers' weights
     (`AdapterSwitch.merge`: one matmul per layer instead of three; this changes `model` for every
-    caller). Default (None): merged when the copies take at most `MERGE_LIMIT` bytes.
+    caller). Default (None): merged when the copies take at most `MERGE_LIMIT` bytes (otherwise
+    only the model's own default, `MemoryLLM.set_fast_inference`); False: every call computes
+    exactly as the release does (`set_fast_inference(False)`).
     """
     if journal and store is not None:
         raise ValueError("journal saves are for states under data_dir; a shared store commits whole files")
     journal = store is None if journal is None else journal
-    if merge_adapters or (merge_adapters is None and model.adapters.merged_bytes() <= MERGE_LIMIT):
+    if merge_adapters is False:
+        model.set_fast_inference(False)
+    elif merge_adapters or model.adapters.merged_bytes() <= MERGE_LIMIT:
         model.adapters.merge()
     keys = api_keys if isinstance(api_keys, KeyTable) else KeyTable(api_keys)
     if store is None:
