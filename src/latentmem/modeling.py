@@ -143,6 +143,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         head = self.backbone.get_output_embeddings()
         self.adapters.unmerge()
         inference_weights.stop_inference_copies(head)
+        if hasattr(self, "prefix_cache"):  # memory keys/values were projected the other way
+            self.prefix_cache.clear()
         for layer in self.decoder.layers:
             if hasattr(layer, "self_attn"):  # attention.py reads it: SDPA's kernel for decoding steps too
                 layer.self_attn.exact_arithmetic = not enabled
