@@ -64,7 +64,7 @@ class RecomputingCache(PrefixCache):
         return prefix
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
                    help="compute with both LoRA adapters merged into weight copies, as the server does")  # fmt: skip
     p.add_argument("--exact", action="store_true",
                    help="compute as the release does (set_fast_inference(False)), not the default")  # fmt: skip
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build_model(args) -> MemoryLLM:

@@ -87,25 +87,13 @@ def release_worker(code: str, reps: int) -> dict:
 
 def latentmem_worker(exact: bool, reps: int) -> dict:
     import torch
-    from bench_read import randomize_memory_weights  # a sibling script: benchmarks/ is on sys.path
-    from transformers import LlamaConfig
-
-    from latentmem import MemoryLLM, MemoryLLMConfig
+    from bench_first_read import build_model, parse_args  # a sibling script: benchmarks/ is on sys.path
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    backbone = LlamaConfig(
-        vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
-        num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"],
-        max_position_embeddings=10240,
-    )  # fmt: skip
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = MemoryLLMConfig(
-        backbone_config=backbone, num_tokens=SHAPE["num_tokens"], num_blocks=SHAPE["blocks"], min_context_tokens=1,
-        lora={"r": 8, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": targets}, add_decoder_lora=True,
-    )  # fmt: skip
-    model = randomize_memory_weights(MemoryLLM(config).to(torch.float32).eval(), 0)
-    model.set_fast_inference(not exact)
+    shape = ["--layers", SHAPE["layers"], "--hidden", SHAPE["hidden"], "--heads", SHAPE["heads"],
+             "--kv-heads", SHAPE["heads"], "--intermediate", SHAPE["intermediate"], "--vocab", SHAPE["vocab"],
+             "--num-tokens", SHAPE["num_tokens"], "--blocks", SHAPE["blocks"]]  # fmt: skip
+    model = build_model(parse_args([str(a) for a in shape] + (["--exact"] if exact else [])))
     g = torch.Generator().manual_seed(1)
     state = model.new_memory(seed=1)
     state.stm = torch.randn(state.shape, generator=g)

@@ -75,12 +75,11 @@ def one_query_attention(
     k = key.reshape(batch * kv_heads, length, head_dim)
     v = value.reshape(batch * kv_heads, length, head_dim)
     scores = torch.bmm(k, q.transpose(1, 2)).transpose(1, 2)  # [B*kv, groups, S]
-    if mask is not None:
-        mask = mask[..., -length:].expand(batch, kv_heads, groups, length).reshape(batch * kv_heads, groups, length)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask
+    if mask is not None:  # [B, 1, 1, S] broadcast over the [B, kv, groups, S] view of the scores
+        mask = mask[..., -length:]
+        scores = scores.reshape(batch, kv_heads, groups, length)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        scores = scores.reshape(batch * kv_heads, groups, length)
     out = torch.bmm(scores.softmax(-1), v)  # [B*kv, groups, hd]
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .config import MemoryLLMConfig, MPlusConfig
 from .ltm.official import LTM_TENSORS, Chunked, Entry, read_header, read_rows, stream_into_store, write_safetensors
@@ -83,14 +82,17 @@ def weight_entries(folder: Path) -> dict[str, Entry]:
     return entries
 
 
+# The release's config class (MemoryLLM and M+ alike) saves its own model type; it extends Llama's.
+RELEASE_MODEL_TYPES = {"memoryllm": "llama"}
+
+
 def official_config_to_native(config: dict) -> MemoryLLMConfig:
     skip = OFFICIAL_MEMORY_FIELDS + OFFICIAL_MPLUS_FIELDS
     backbone_fields = {k: v for k, v in config.items() if k not in skip}
     backbone_fields.pop("architectures", None)
     backbone_fields.pop("auto_map", None)
     model_type = backbone_fields.pop("model_type", "llama")
-    if model_type not in CONFIG_MAPPING:  # the release's own config class ("memoryllm") extends Llama's
-        model_type = "llama"
+    model_type = RELEASE_MODEL_TYPES.get(model_type, model_type)
     backbone_config = AutoConfig.for_model(model_type, **backbone_fields)
     lora = config.get("lora_config")
     # `num_memory_tokens` is derived (num_tokens * num_blocks); the `memory` tensor's shape is

@@ -148,6 +148,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         for layer in self.decoder.layers:
             if hasattr(layer, "self_attn"):  # attention.py reads it: SDPA's kernel for decoding steps too
                 layer.self_attn.exact_arithmetic = not enabled
+        self._fast_inference = enabled
         if not enabled:
             return
         inference_weights.use_inference_copies(head)
@@ -158,7 +159,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     @property
     def fast_inference(self) -> bool:
         """Whether inference calls compute the fast way (`set_fast_inference`)."""
-        return hasattr(self.backbone.get_output_embeddings(), "inference_copies")
+        return self._fast_inference
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone initialises itself; this model adds only plain parameters set in __init__.

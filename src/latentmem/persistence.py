@@ -130,7 +130,7 @@ def _save_whole(state: MemoryState, path: Path, slot_dtype: str | None, journal:
     tensors.update(ages=state.ages[:, stored].contiguous(), sources=state.sources[:, stored].contiguous())
     manifest = {
         "format": FORMAT,
-        "format_version": 3 if period is not None else 2 if (slot_dtype or journal) else 1,
+        "format_version": FORMAT_VERSION if period is not None else 2 if (slot_dtype or journal) else 1,
         "fingerprint": state.fingerprint,
         "shape": list(state.shape),
         "dtype": str(state.dtype).removeprefix("torch."),
